@@ -1,0 +1,1 @@
+"""magnet_dist: distributed MAGNET trainer."""

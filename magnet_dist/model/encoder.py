@@ -1,0 +1,108 @@
+"""(III) Dual-view encoding: LightGCN per modality channel on the observed and augmented views.
+
+Channels: ``behaviour`` (ID embeddings) and one per content modality (items: ``P_c(x_i^c)``,
+users: 0, so a user's content representation comes from propagation alone). Both views run the
+same weight-free propagation over the same hops with different edge norms, then a learned scalar
+per modality fuses them: ``H^m = (1 - lambda_m) H_o^m + lambda_m H_a^m``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from magnet_dist.model.hops import Hop
+
+BEHAVIOUR = "behaviour"
+
+
+class DualViewEncoder(nn.Module):
+    def __init__(
+        self,
+        content_dims: dict[str, int],
+        dim: int = 64,
+        layers: int = 2,
+        content_view: bool = True,
+        fusion: str = "learned",
+        fusion_init: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.modalities = [BEHAVIOUR, *content_dims]
+        self.dim = dim
+        self.layers = layers
+        self.content_view = content_view
+        self.projections = nn.ModuleDict({c: nn.Linear(d_c, dim) for c, d_c in content_dims.items()})
+        init = torch.full((len(self.modalities),), _logit(fusion_init))
+        if fusion == "learned":
+            self.fusion_logit = nn.Parameter(init)
+        else:
+            self.register_buffer("fusion_logit", init)
+
+    @property
+    def fusion_weights(self) -> torch.Tensor:
+        """lambda_m per modality (share of the augmented view); 0 when that view is off."""
+        lam = torch.sigmoid(self.fusion_logit)
+        return lam if self.content_view else torch.zeros_like(lam)
+
+    def layer0(
+        self, id_emb: torch.Tensor, feats: dict[str, torch.Tensor], is_item: torch.Tensor
+    ) -> torch.Tensor:
+        """Layer-0 input of every channel, concatenated: ``[n, M*d]``."""
+        item = is_item.to(id_emb.dtype).unsqueeze(1)
+        parts = [id_emb] + [self.projections[c](feats[c]) * item for c in self.modalities[1:]]
+        return torch.cat(parts, dim=1)
+
+    def propagate(self, h0: torch.Tensor, hops: list[Hop], view: str) -> torch.Tensor:
+        """Sum over layers 0..L of LightGCN propagation, restricted to the last hop's dst nodes."""
+        h = h0
+        total = h0
+        for hop in hops:
+            norm = hop.norm_observed if view == "observed" else hop.norm_augmented
+            h = hop.propagate(h, norm)
+            total = total[hop.dst_in_src] + h
+        return total
+
+    def forward(
+        self,
+        hops: list[Hop],
+        id_emb: torch.Tensor,
+        feats: dict[str, torch.Tensor],
+        is_item_in: torch.Tensor,
+        is_item_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Fused representation per modality for the output nodes of ``hops``.
+
+        ``id_emb``/``feats``/``is_item_in`` describe the first hop's src nodes; ``is_item_out``
+        the last hop's dst nodes (users and items may both be outputs).
+        """
+        h0 = self.layer0(id_emb, feats, is_item_in)
+        observed = self.propagate(h0, hops, "observed")
+        if self.content_view:
+            augmented = self.propagate(h0, hops, "augmented")
+        layers = len(hops)
+        # Mean over layers: 0..L for items and for behaviour, 1..L for users' content channels
+        # (their layer 0 is zero by definition).
+        denom_all = float(layers + 1)
+        denom_user_content = float(max(layers, 1))
+        lam = self.fusion_weights
+        out: dict[str, torch.Tensor] = {}
+        d = self.dim
+        for m_idx, m in enumerate(self.modalities):
+            sl = slice(m_idx * d, (m_idx + 1) * d)
+            h = observed[:, sl]
+            if self.content_view:
+                h = (1 - lam[m_idx]) * h + lam[m_idx] * augmented[:, sl]
+            if m_idx == 0:
+                h = h / denom_all
+            else:
+                denom = torch.where(is_item_out, denom_all, denom_user_content).to(h.dtype)
+                h = h / denom.unsqueeze(1)
+            out[m] = h
+        return out
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-4), 1 - 1e-4)
+    return math.log(p / (1 - p))

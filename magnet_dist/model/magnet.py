@@ -1,0 +1,125 @@
+"""The MAGNET module: dual-view encoder + triplet MoE head + BPR objective (pure torch).
+
+One interface for every variant (MMRec style): ``encode`` (hops -> per-modality representations),
+``score`` (pairs -> scores + routing stats) and ``loss``. Ablations and the LightGCN baseline are
+configuration of this one class, never copies. ID embeddings live outside (``nn.Embedding`` in the
+reference trainer, DGL ``DistEmbedding`` in the distributed one) and come in as a tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from magnet_dist.config import Config
+from magnet_dist.model.encoder import DualViewEncoder
+from magnet_dist.model.experts import build_experts
+from magnet_dist.model.hops import Hop
+from magnet_dist.model.moe import TripletMoE
+from magnet_dist.model.router import RoutingStats
+from magnet_dist.model.schedule import COVERAGE, ScheduleState, routing_loss
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor
+    bpr: torch.Tensor
+    reg: torch.Tensor
+    route: torch.Tensor
+    stats: RoutingStats | None  # global (reduced) routing statistics of this step
+
+
+class MagnetModel(nn.Module):
+    def __init__(self, cfg: Config, content_dims: dict[str, int], moe: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        m = cfg.model
+        self.encoder = DualViewEncoder(
+            content_dims, m.dim, m.layers, m.content_view, m.fusion, m.fusion_init
+        )
+        self.modalities = self.encoder.modalities
+        self.token_dim = len(self.modalities) * m.dim
+        self.moe: nn.Module | None = None
+        if m.use_moe:
+            self.moe = moe if moe is not None else build_dense_moe(cfg, self.modalities)
+            self.readout = nn.Linear(m.dim, 1, bias=False)
+            nn.init.zeros_(self.readout.weight)  # start from the dot-product score
+
+    def encode(
+        self,
+        hops: list[Hop],
+        id_emb: torch.Tensor,
+        feats: dict[str, torch.Tensor],
+        is_item_in: torch.Tensor,
+        is_item_out: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        return self.encoder(hops, id_emb, feats, is_item_in, is_item_out)
+
+    def token(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``."""
+        return torch.cat([hu[m] * hi[m] for m in self.modalities], dim=1)
+
+    def dot_score(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([(hu[m] * hi[m]).sum(1) for m in self.modalities]).mean(0)
+
+    def score(
+        self,
+        hu: dict[str, torch.Tensor],
+        hi: dict[str, torch.Tensor],
+        explore: bool = False,
+    ) -> tuple[torch.Tensor, RoutingStats | None]:
+        """``y = mean_m <h_u^m, h_i^m> + w^T sum_k g_k f_k(x_k)`` for aligned rows of hu, hi."""
+        y = self.dot_score(hu, hi)
+        if self.moe is None:
+            return y, None
+        mixture, stats = self.moe(self.token(hu, hi), explore)
+        return y + self.readout(mixture).squeeze(1), stats
+
+    def loss(
+        self,
+        hu: dict[str, torch.Tensor],
+        hpos: dict[str, torch.Tensor],
+        hneg: dict[str, torch.Tensor],
+        ego: torch.Tensor,
+        state: ScheduleState,
+        reduce_stats=None,
+    ) -> LossOutput:
+        """BPR over (u, i+, i-) rows (hneg has ``n_neg`` rows per user, row-major) + L2 on the
+        batch's layer-0 ID embeddings ``ego`` + routing terms on the global routing stats."""
+        n = next(iter(hu.values())).shape[0]
+        n_neg = next(iter(hneg.values())).shape[0] // n
+        hu_rep = {m: v.repeat_interleave(n_neg, 0) for m, v in hu.items()} if n_neg > 1 else hu
+        both_u = {m: torch.cat([hu[m], hu_rep[m]]) for m in self.modalities}
+        both_i = {m: torch.cat([hpos[m], hneg[m]]) for m in self.modalities}
+        scores, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
+        pos = scores[:n].repeat_interleave(n_neg)
+        neg = scores[n:]
+        bpr = F.softplus(neg - pos).mean()
+        reg = self.cfg.model.reg_weight * ego.pow(2).sum() / n
+        route = scores.new_zeros(())
+        if stats is not None:
+            if reduce_stats is not None:
+                stats = stats.reduce(reduce_stats)
+            route = routing_loss(stats, state, self.cfg.routing)
+        return LossOutput(bpr + reg + route, bpr, reg, route, stats)
+
+
+def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
+    m, moe = cfg.model, cfg.moe
+    experts = build_experts(
+        modalities,
+        list(moe.families),
+        moe.experts_per_template,
+        m.dim,
+        moe.hidden_mult * m.dim,
+        moe.alpha,
+        moe.beta,
+        moe.delta,
+        use_templates=m.templates,
+    )
+    return TripletMoE(
+        experts, len(modalities) * m.dim, moe.top_k, moe.capacity_factor, moe.router_noise
+    )

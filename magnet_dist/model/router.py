@@ -35,6 +35,7 @@ class RoutingStats:
     load: torch.Tensor  # [E] assignments actually processed (after capacity)
     tokens: torch.Tensor  # scalar, number of tokens
     dropped: torch.Tensor  # scalar, assignments dropped by capacity
+    gate_mass: torch.Tensor  # [E] sum of combine weights of processed assignments (usage)
     top_k: int = 1
 
     def reduce(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> RoutingStats:
@@ -111,6 +112,9 @@ def routing_stats(routing: Routing) -> RoutingStats:
         load=load.to(routing.probs.dtype),
         tokens=torch.tensor(float(routing.probs.shape[0]), dtype=routing.probs.dtype),
         dropped=(~routing.kept).sum().to(routing.probs.dtype),
+        gate_mass=torch.zeros(num_experts, dtype=routing.probs.dtype).index_add(
+            0, routing.experts[routing.kept], routing.combine[routing.kept].detach()
+        ),
         top_k=routing.experts.shape[1],
     )
 

@@ -1,0 +1,82 @@
+"""Scores of a trained model for ranking: the full MAGNET score (dot product + MoE read-out) of
+every (user, item) pair, computed in bounded chunks from precomputed representations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from magnet_dist.eval.metrics import RankingSums
+from magnet_dist.eval.ranking import csr_from_pairs, rank_users
+from magnet_dist.model.magnet import MagnetModel
+
+Reps = dict[str, torch.Tensor]
+
+
+def pair_score_fn(model: MagnetModel, max_tokens: int = 65536) -> Callable:
+    """``fn(hu, hi) -> [n_u, n_i]`` scores of all pairs; MoE tokens materialised in pieces."""
+
+    @torch.no_grad()
+    def score(hu: Reps, hi: Reps) -> torch.Tensor:
+        n_u = next(iter(hu.values())).shape[0]
+        n_i = next(iter(hi.values())).shape[0]
+        dot = torch.stack([hu[m] @ hi[m].t() for m in model.modalities]).mean(0)
+        if model.moe is None:
+            return dot
+        rows = max(1, max_tokens // max(n_i, 1))
+        for start in range(0, n_u, rows):
+            sl = slice(start, min(start + rows, n_u))
+            n = sl.stop - sl.start
+            tok_u = {m: hu[m][sl].repeat_interleave(n_i, 0) for m in model.modalities}
+            tok_i = {m: hi[m].repeat(n, 1) for m in model.modalities}
+            mixture, _ = model.moe(model.token(tok_u, tok_i))
+            dot[sl] += model.readout(mixture).view(n, n_i)
+        return dot
+
+    return score
+
+
+def ranking_score_fn(model: MagnetModel, user_reps: Reps, item_reps: Reps) -> Callable:
+    """Adapter to ``rank_users``: ``fn(user_ids, item_start, item_end)``."""
+    score = pair_score_fn(model)
+
+    def fn(user_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        hu = {m: v[user_ids] for m, v in user_reps.items()}
+        hi = {m: v[start:end] for m, v in item_reps.items()}
+        return score(hu, hi)
+
+    return fn
+
+
+class SplitEvaluator:
+    """Full ranking of one split (valid or test) with only training items masked (MMRec)."""
+
+    def __init__(self, dataset, split: int, ks: list[int], user_chunk: int, item_chunk: int):
+        tu, ti = dataset.pairs(0)
+        su, si = dataset.pairs(split)
+        self.num_items = dataset.num_items
+        self.train_mask = csr_from_pairs(tu, ti, dataset.num_users)
+        self.ground_truth = csr_from_pairs(su, si, dataset.num_users)
+        self.users = np.unique(su)
+        self.ks = ks
+        self.user_chunk = user_chunk
+        self.item_chunk = item_chunk
+
+    def sums(
+        self, score_fn: Callable, users: np.ndarray | None = None, progress: bool = False
+    ) -> RankingSums:
+        users = self.users if users is None else users
+        return rank_users(
+            score_fn,
+            users,
+            self.ground_truth,
+            self.train_mask,
+            self.num_items,
+            self.ks,
+            self.user_chunk,
+            self.item_chunk,
+            progress=progress,
+        )

@@ -1,0 +1,114 @@
+"""Pieces both trainers call from their loops: the per-step log row, the expert table for
+plots, early stopping on validation Recall@20, and the end-of-run files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from magnet_dist.model.magnet import LossOutput, MagnetModel
+from magnet_dist.model.schedule import SPECIALISATION, ScheduleState
+from magnet_dist.train.plots import make_plots
+from magnet_dist.train.run_folder import write_json_atomic
+
+SELECTION_METRIC = "valid.recall@20"
+
+
+def step_row(step: int, epoch: int, out: LossOutput, state: ScheduleState) -> dict[str, Any]:
+    """One metrics.csv row: losses, routing entropies, stage, and per-expert load/usage."""
+    row: dict[str, Any] = {
+        "step": step,
+        "epoch": epoch,
+        "loss": float(out.loss),
+        "bpr": float(out.bpr),
+        "reg": float(out.reg),
+        "route": float(out.route),
+    }
+    s = out.stats
+    if s is not None:
+        tokens = float(s.tokens)
+        row.update(
+            h_conf=float(s.h_conf()),
+            h_use=float(s.h_use()),
+            l_aux=float(s.l_aux()),
+            ema_h_use=float(state.ema) if state.ema is not None else float("nan"),
+            stage=int(state.stage == SPECIALISATION),
+            tokens=tokens,
+            dropped=float(s.dropped),
+            dropped_fraction=float(s.dropped) / max(tokens * s.top_k, 1.0),
+        )
+        row.update({f"load_{e}": float(v) for e, v in enumerate(s.load.tolist())})
+        row.update({f"usage_{e}": float(v) for e, v in enumerate(s.gate_mass.tolist())})
+    return row
+
+
+def expert_table(model: MagnetModel, experts: list | None = None) -> dict[str, Any]:
+    """experts.json: name, family and modality mass of every expert (global order)."""
+    experts = experts if experts is not None else list(getattr(model.moe, "experts", []))
+    rows = []
+    for e in experts:
+        t = e.template
+        if t.family == "free":
+            mass = [1.0 / len(model.modalities)] * len(model.modalities)
+        elif t.family == "complementary":
+            mass = [t.delta * w for w in t.weights]
+            for m in t.pair:
+                mass[m] += (1 - t.delta) / 2
+        else:
+            mass = list(t.weights)
+        rows.append({"name": t.name, "family": t.family, "modality_mass": mass})
+    return {"modalities": model.modalities, "experts": rows}
+
+
+class EarlyStopping:
+    """Model selection on validation Recall@20 only (never test)."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+        self.best: float = -np.inf
+        self.best_epoch: int = -1
+        self.bad_evals = 0
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record an evaluation; True if it is the best so far."""
+        if value > self.best:
+            self.best, self.best_epoch, self.bad_evals = value, epoch, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.bad_evals >= self.patience
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.best, self.best_epoch, self.bad_evals = d["best"], d["best_epoch"], d["bad_evals"]
+
+
+def finish_run(run_dir: Path, metrics: dict[str, Any], plots: bool = True) -> dict[str, Any]:
+    """Write metrics.json and the plots; returns the metrics."""
+    write_json_atomic(Path(run_dir) / "metrics.json", metrics)
+    if plots:
+        make_plots(run_dir)
+    return metrics
+
+
+def append_evaluation(run_dir: Path, row: dict[str, Any]) -> None:
+    path = Path(run_dir) / "evaluations.csv"
+    new = not path.exists()
+    keys = list(row)
+    with path.open("a") as f:
+        if new:
+            f.write(",".join(keys) + "\n")
+        f.write(",".join(str(row[k]) for k in keys) + "\n")
+
+
+def print_metrics(metrics: dict[str, Any]) -> None:
+    keys = [k for k in metrics if k.startswith(("valid.", "test."))] + ["best_epoch"]
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))

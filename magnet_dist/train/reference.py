@@ -1,0 +1,205 @@
+"""The single-process reference trainer (``trainer.mode=reference``).
+
+Full-graph LightGCN propagation every step, the same batches and negatives as the distributed
+trainer (``train/batches.py``), dense MoE. It is what every distributed path is checked against.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from magnet_dist.config import Config
+from magnet_dist.data.dataset import Dataset, load_dataset
+from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
+from magnet_dist.model.hops import Hop, full_graph_hop
+from magnet_dist.model.magnet import MagnetModel
+from magnet_dist.model.schedule import ScheduleState, advance
+from magnet_dist.train.batches import NegativeSampler, batch_rng, epoch_batches
+from magnet_dist.train.checkpoint import load_checkpoint, save_checkpoint
+from magnet_dist.train.common import (
+    SELECTION_METRIC,
+    EarlyStopping,
+    append_evaluation,
+    expert_table,
+    finish_run,
+    step_row,
+)
+from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomic
+
+
+class FullGraph:
+    """The whole training graph and every input tensor the encoder needs, built once."""
+
+    def __init__(self, ds: Dataset, cfg: Config, content_edges=None) -> None:
+        tu, ti = ds.pairs(0)
+        self.num_users, self.num_items = ds.num_users, ds.num_items
+        cs = cd = cw = None
+        if content_edges is not None and cfg.model.content_view:
+            cs, cd, cw = (torch.as_tensor(np.asarray(a)) for a in content_edges)
+        self.hop = full_graph_hop(
+            ds.num_users, ds.num_items, torch.as_tensor(tu), torch.as_tensor(ti), cs, cd, cw
+        )
+        n = ds.num_users + ds.num_items
+        self.is_item = torch.arange(n) >= ds.num_users
+        self.feats = {}
+        for c in ds.modalities:
+            f = torch.zeros(n, ds.modalities[c])
+            f[ds.num_users :] = torch.as_tensor(ds.features(c))
+            self.feats[c] = f
+        self.layers = cfg.model.layers
+
+    @property
+    def hops(self) -> list[Hop]:
+        return [self.hop] * self.layers
+
+    def encode(self, model: MagnetModel, id_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        return model.encode(self.hops, id_emb, self.feats, self.is_item, self.is_item)
+
+
+def init_id_embeddings(num_nodes: int, dim: int, seed: int) -> nn.Embedding:
+    """Users then items, one table; xavier-uniform as in MMRec's LightGCN."""
+    gen = torch.Generator().manual_seed(seed)
+    emb = nn.Embedding(num_nodes, dim)
+    bound = (6.0 / (num_nodes + dim)) ** 0.5
+    with torch.no_grad():
+        emb.weight.uniform_(-bound, bound, generator=gen)
+    return emb
+
+
+def build_model(cfg: Config, ds: Dataset) -> MagnetModel:
+    torch.manual_seed(cfg.train.seed)
+    return MagnetModel(cfg, dict(ds.modalities))
+
+
+def select(reps: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {m: v[idx] for m, v in reps.items()}
+
+
+def evaluate(model, graph: FullGraph, emb, evaluator: SplitEvaluator, prefix: str) -> dict:
+    model.eval()
+    with torch.no_grad():
+        reps = graph.encode(model, emb.weight)
+    users = {m: v[: graph.num_users] for m, v in reps.items()}
+    items = {m: v[graph.num_users :] for m, v in reps.items()}
+    sums = evaluator.sums(ranking_score_fn(model, users, items))
+    model.train()
+    return sums.metrics(prefix)
+
+
+def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
+    """Train, select on validation Recall@20, test the best model, write the run folder."""
+    from magnet_dist.graph.content import read_content_edges
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir, cfg)
+    ds = load_dataset(cfg.data.path)
+    edges = read_content_edges(cfg.data.path) if cfg.model.content_view else None
+    graph = FullGraph(ds, cfg, edges)
+    model = build_model(cfg, ds)
+    emb = init_id_embeddings(ds.num_users + ds.num_items, cfg.model.dim, cfg.train.seed)
+    opt = torch.optim.Adam([*model.parameters(), *emb.parameters()], lr=cfg.train.lr)
+    if model.moe is not None:
+        write_json_atomic(run_dir / "experts.json", expert_table(model))
+
+    tu, ti = ds.pairs(0)
+    sampler = NegativeSampler(tu, ti, ds.num_items)
+    valid = SplitEvaluator(ds, 1, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk)
+    test = SplitEvaluator(ds, 2, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk)
+    stopper = EarlyStopping(cfg.train.patience)
+    state, step, start_epoch = ScheduleState(), 0, 0
+    ckpt_path = run_dir / "checkpoints" / "reference.pt"
+    best_path = run_dir / "checkpoints" / "best.pt"
+    log = StepLog(run_dir)
+    if ckpt_path.exists():
+        ck = load_checkpoint(ckpt_path, cfg)
+        model.load_state_dict(ck["model"])
+        emb.load_state_dict(ck["embeddings"])
+        opt.load_state_dict(ck["optimizer"])
+        state = ScheduleState.from_dict(ck["schedule"])
+        stopper.load_state_dict(ck["early_stopping"])
+        step, start_epoch = ck["step"], ck["epoch"] + 1
+        log.resume_at(step)
+        print(f"[reference] resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+
+    t0 = time.time()
+    pairs_trained = 0
+    epochs = range(start_epoch, cfg.train.epochs)
+    bar = tqdm(epochs, desc="epochs", disable=not progress, unit="epoch")
+    for epoch in bar:
+        for b, idx in epoch_batches(len(tu), cfg.train.batch_size, cfg.train.seed, epoch):
+            if cfg.train.max_steps_per_epoch and b >= cfg.train.max_steps_per_epoch:
+                break
+            users, pos = tu[idx], ti[idx]
+            neg = sampler.sample(users, cfg.train.n_neg, batch_rng(cfg.train.seed, epoch, b))
+            out = train_step(model, graph, emb, opt, users, pos, neg, state)
+            if out.stats is not None:
+                state = advance(state, float(out.stats.h_use()), cfg.routing)
+            step += 1
+            pairs_trained += len(idx)
+            log.log(step_row(step, epoch, out, state))
+        log.flush()
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
+            metrics = evaluate(model, graph, emb, valid, "valid")
+            improved = stopper.update(epoch, metrics[SELECTION_METRIC])
+            append_evaluation(run_dir, {"epoch": epoch, "step": step, **metrics})
+            bar.set_postfix(recall20=f"{metrics[SELECTION_METRIC]:.4f}", stage=state.stage[:4])
+            if improved:
+                save_checkpoint(best_path, cfg, {"model": model.state_dict(), "embeddings": emb.state_dict(), "epoch": epoch})
+        save_checkpoint(
+            ckpt_path,
+            cfg,
+            {
+                "model": model.state_dict(),
+                "embeddings": emb.state_dict(),
+                "optimizer": opt.state_dict(),
+                "schedule": state.to_dict(),
+                "early_stopping": stopper.state_dict(),
+                "step": step,
+                "epoch": epoch,
+            },
+        )
+        if stopper.should_stop:
+            break
+    log.close()
+    wall = time.time() - t0
+
+    best = load_checkpoint(best_path, cfg)
+    model.load_state_dict(best["model"])
+    emb.load_state_dict(best["embeddings"])
+    metrics = {
+        **evaluate(model, graph, emb, valid, "valid"),
+        **evaluate(model, graph, emb, test, "test"),
+        "best_epoch": stopper.best_epoch,
+        "steps": step,
+        "train_seconds": wall,
+        "pairs_per_second": pairs_trained / max(wall, 1e-9),
+        "stage": state.stage,
+        "switch_step": state.switch_step,
+        "switch_forced": state.forced,
+        "fusion_lambda": dict(
+            zip(model.modalities, model.encoder.fusion_weights.tolist(), strict=True)
+        ),
+        "trainer": "reference",
+    }
+    return finish_run(run_dir, metrics)
+
+
+def train_step(model, graph, emb, opt, users, pos, neg, state):
+    """One optimisation step on a batch: encode the full graph, BPR + reg + routing loss."""
+    opt.zero_grad(set_to_none=True)
+    reps = graph.encode(model, emb.weight)
+    u = torch.as_tensor(users)
+    p = torch.as_tensor(pos) + graph.num_users
+    n = torch.as_tensor(neg).reshape(-1) + graph.num_users
+    ego = emb.weight[torch.cat([u, p, n])]
+    out = model.loss(select(reps, u), select(reps, p), select(reps, n), ego, state)
+    out.loss.backward()
+    opt.step()
+    return out

@@ -1,0 +1,92 @@
+"""The run folder every trainer writes: metrics.csv (a row per step), TensorBoard events,
+metrics.json (final numbers), config.yaml, plots/ and checkpoints/.
+
+Only rank 0 writes; other ranks pass ``enabled=False``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from magnet_dist.config import Config, dump_config
+
+
+class StepLog:
+    """Append-only per-step CSV (header fixed by the first row) + TensorBoard scalars."""
+
+    def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.csv"
+        self._fields: list[str] | None = None
+        self._file = None
+        self._writer = None
+        self._tb = None
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def resume_at(self, step: int) -> None:
+        """Drop rows logged after ``step`` (a resumed run re-logs them) and keep appending."""
+        if not self.enabled or not self.path.exists():
+            return
+        with self.path.open() as f:
+            rows = list(csv.DictReader(f))
+        if not rows:
+            return
+        self._fields = list(rows[0].keys())
+        kept = [r for r in rows if int(r["step"]) <= step]
+        with self.path.open("w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=self._fields)
+            w.writeheader()
+            w.writerows(kept)
+
+    def log(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        if self._file is None:
+            exists = self.path.exists() and self.path.stat().st_size > 0
+            if self._fields is None:
+                self._fields = list(row.keys())
+            self._file = self.path.open("a", newline="")
+            self._writer = csv.DictWriter(self._file, fieldnames=self._fields, extrasaction="ignore")
+            if not exists:
+                self._writer.writeheader()
+        self._writer.writerow(row)
+        if self._tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, int | float):
+                    self._tb.add_scalar(key, value, int(row["step"]))
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))

@@ -109,8 +109,11 @@ class TrainConfig(_Section):
     run_name: str = "quickstart"
     storage_path: str | None = None  # Ray Train storage; default: <run_dir>/ray
     checkpoint_every: int = Field(1, ge=1)  # epochs
-    max_failures: int = Field(0, ge=-1)
-    threads_per_worker: int | None = None
+    max_failures: int = Field(0, ge=-1)  # Ray Train worker-group restarts (-1: unlimited)
+    threads_per_worker: int | None = None  # torch threads per worker (default: cpus_per_worker)
+    cpus_per_worker: float = Field(1.0, gt=0)  # Ray resources reserved per training worker
+    use_gpu: bool = False  # one GPU per worker; NCCL instead of gloo
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
 
 class TrainerConfig(_Section):

@@ -23,7 +23,7 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
     prepare_dataset(
         cfg.data.source,
         path,
-        path_in=cfg.data.source_path,
+        path=cfg.data.source_path,
         seed=cfg.data.seed,
         users=cfg.data.synthetic_users,
         items=cfg.data.synthetic_items,

@@ -20,12 +20,16 @@ def sym_norm(a):
 
 def test_lightgcn_matches_dense_formula_both_views():
     torch.manual_seed(0)
-    U, I, d, L = 4, 5, 3, 2
+    U, n_items, d, L = 4, 5, 3, 2
     tu = torch.tensor([0, 0, 1, 2, 3, 3])
     ti = torch.tensor([0, 1, 1, 2, 3, 4])
-    cs, cd, cw = torch.tensor([0, 1, 2, 4]), torch.tensor([1, 0, 4, 2]), torch.tensor([0.8, 0.8, 0.3, 0.3])
-    hop = full_graph_hop(U, I, tu, ti, cs, cd, cw)
-    n = U + I
+    cs, cd, cw = (
+        torch.tensor([0, 1, 2, 4]),
+        torch.tensor([1, 0, 4, 2]),
+        torch.tensor([0.8, 0.8, 0.3, 0.3]),
+    )
+    hop = full_graph_hop(U, n_items, tu, ti, cs, cd, cw)
+    n = U + n_items
     ui = dense_adj(n, torch.cat([tu, ti + U]), torch.cat([ti + U, tu]), 1.0)
     ii = dense_adj(n, cs + U, cd + U, cw)
     a_obs, a_aug = sym_norm(ui), sym_norm(ui + ii)
@@ -55,8 +59,16 @@ def test_lightgcn_matches_dense_formula_both_views():
 
 
 def test_content_view_off_is_observed_view_only():
-    U, I = 2, 3
-    hop = full_graph_hop(U, I, torch.tensor([0, 1]), torch.tensor([0, 2]), torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0.9, 0.9]))
+    U, n_items = 2, 3
+    hop = full_graph_hop(
+        U,
+        n_items,
+        torch.tensor([0, 1]),
+        torch.tensor([0, 2]),
+        torch.tensor([0, 1]),
+        torch.tensor([1, 0]),
+        torch.tensor([0.9, 0.9]),
+    )
     emb = torch.randn(5, 4)
     is_item = torch.arange(5) >= U
     on = DualViewEncoder({}, dim=4, layers=1, content_view=True, fusion_init=0.5)

@@ -33,7 +33,9 @@ class DualViewEncoder(nn.Module):
         self.dim = dim
         self.layers = layers
         self.content_view = content_view
-        self.projections = nn.ModuleDict({c: nn.Linear(d_c, dim) for c, d_c in content_dims.items()})
+        self.projections = nn.ModuleDict(
+            {c: nn.Linear(d_c, dim) for c, d_c in content_dims.items()}
+        )
         init = torch.full((len(self.modalities),), _logit(fusion_init))
         if fusion == "learned":
             self.fusion_logit = nn.Parameter(init)
@@ -59,8 +61,7 @@ class DualViewEncoder(nn.Module):
         h = h0
         total = h0
         for hop in hops:
-            norm = hop.norm_observed if view == "observed" else hop.norm_augmented
-            h = hop.propagate(h, norm)
+            h = hop.propagate(h, view)
             total = total[hop.dst_in_src] + h
         return total
 

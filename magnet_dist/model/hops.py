@@ -13,7 +13,7 @@ thus serves both views.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,11 +29,22 @@ class Hop:
     num_src: int
     num_dst: int
     dst_in_src: torch.Tensor  # int64 [num_dst]
+    _matrices: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def propagate(self, h: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    def matrix(self, view: str) -> torch.Tensor:
+        """The hop as a sparse ``[num_dst, num_src]`` matrix of one view's norms (cached)."""
+        if view not in self._matrices:
+            norm = self.norm_observed if view == "observed" else self.norm_augmented
+            keep = norm != 0
+            idx = torch.stack([self.dst[keep], self.src[keep]])
+            self._matrices[view] = torch.sparse_coo_tensor(
+                idx, norm[keep], (self.num_dst, self.num_src)
+            ).coalesce()
+        return self._matrices[view]
+
+    def propagate(self, h: torch.Tensor, view: str) -> torch.Tensor:
         """One LightGCN step: ``out[d] = sum_{(s,d)} norm * h[s]`` (no weights, no non-linearity)."""
-        out = h.new_zeros(self.num_dst, h.shape[1])
-        return out.index_add_(0, self.dst, h[self.src] * norm.unsqueeze(1))
+        return torch.sparse.mm(self.matrix(view), h)
 
     def to(self, device: torch.device | str) -> Hop:
         return Hop(

@@ -79,7 +79,9 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             ax.plot(steps["step"], steps["ema_h_use"], label="EMA of H_use", lw=1, ls="--")
         switch = steps.loc[steps["stage"] == 1, "step"]
         if len(switch):
-            ax.axvline(switch.iloc[0], color="k", ls=":", label=f"stage switch (step {switch.iloc[0]})")
+            ax.axvline(
+                switch.iloc[0], color="k", ls=":", label=f"stage switch (step {switch.iloc[0]})"
+            )
         ax.set(
             xlabel="training step",
             ylabel="normalised entropy (0..1)",
@@ -93,7 +95,9 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 1]})
         colours = [FAMILY_COLOURS.get(e["family"], "tab:gray") for e in experts]
         ax1.bar(range(len(experts)), usage * 100, color=colours)
-        ax1.set_xticks(range(len(experts)), [e["name"] for e in experts], rotation=60, ha="right", fontsize=7)
+        ax1.set_xticks(
+            range(len(experts)), [e["name"] for e in experts], rotation=60, ha="right", fontsize=7
+        )
         ax1.set(ylabel="share of gate mass (%)", title="Expert usage (last 25% of steps)")
         families = list(dict.fromkeys(e["family"] for e in experts))
         fam_share = [usage[[e["family"] == f for e in experts]].sum() * 100 for f in families]

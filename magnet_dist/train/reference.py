@@ -41,7 +41,7 @@ class FullGraph:
         self.num_users, self.num_items = ds.num_users, ds.num_items
         cs = cd = cw = None
         if content_edges is not None and cfg.model.content_view:
-            cs, cd, cw = (torch.as_tensor(np.asarray(a)) for a in content_edges)
+            cs, cd, cw = (torch.from_numpy(np.array(a)) for a in content_edges)
         self.hop = full_graph_hop(
             ds.num_users, ds.num_items, torch.as_tensor(tu), torch.as_tensor(ti), cs, cd, cw
         )
@@ -151,7 +151,11 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
             append_evaluation(run_dir, {"epoch": epoch, "step": step, **metrics})
             bar.set_postfix(recall20=f"{metrics[SELECTION_METRIC]:.4f}", stage=state.stage[:4])
             if improved:
-                save_checkpoint(best_path, cfg, {"model": model.state_dict(), "embeddings": emb.state_dict(), "epoch": epoch})
+                save_checkpoint(
+                    best_path,
+                    cfg,
+                    {"model": model.state_dict(), "embeddings": emb.state_dict(), "epoch": epoch},
+                )
         save_checkpoint(
             ckpt_path,
             cfg,

@@ -55,7 +55,9 @@ class StepLog:
             if self._fields is None:
                 self._fields = list(row.keys())
             self._file = self.path.open("a", newline="")
-            self._writer = csv.DictWriter(self._file, fieldnames=self._fields, extrasaction="ignore")
+            self._writer = csv.DictWriter(
+                self._file, fieldnames=self._fields, extrasaction="ignore"
+            )
             if not exists:
                 self._writer.writeheader()
         self._writer.writerow(row)

@@ -50,7 +50,7 @@ class FullGraph:
         self.feats = {}
         for c in ds.modalities:
             f = torch.zeros(n, ds.modalities[c])
-            f[ds.num_users :] = torch.as_tensor(ds.features(c))
+            f[ds.num_users :] = torch.from_numpy(np.array(ds.features(c)))
             self.feats[c] = f
         self.layers = cfg.model.layers
 

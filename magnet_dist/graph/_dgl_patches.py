@@ -1,0 +1,96 @@
+"""Patches that make several DGL partitions' servers and clients work on one host.
+
+DGL 2.1 assumes one partition per machine (DESIGN.md, "DGL distributed on one host"):
+
+1. The KV store names its /dev/shm segments only by tensor name (``node~item~feat-kvdata-``), so
+   two partitions' servers on one host overwrite each other's node data. Here every KV-store
+   segment gets a per-partition suffix (the partition id and its server's port, unique on a host
+   while the server lives); a client maps the segments of *its* partition's server, which must
+   therefore run on the same host (it reads its partition's data from shared memory).
+   The graph structure and partition book are never shared (servers run with
+   ``disable_shared_mem=True``; clients pass the partition book), and the lookups of a shared
+   graph / partition book are disabled so a stale segment of another run is never picked up.
+2. Every client resolves itself as machine 0 (it matches local IPs against the ip_config), so
+   ``edge_split`` and the KV store's "local partition" are wrong for all but one client. Here the
+   machine id is the partition id given by magnet_dist.
+
+The patches live in this imported module (not inside a function) so that processes which import
+DGL through magnet_dist get them; the per-process values come from ``MAGNET_DGL_PART`` /
+``MAGNET_DGL_SHM_TAG`` (so child processes such as DGL sampler workers inherit them) or from
+:func:`set_partition`. With neither set, DGL behaves as shipped.
+"""
+
+from __future__ import annotations
+
+import os
+
+from dgl._ffi import ndarray as _ndarray
+from dgl.distributed import dist_graph as _dist_graph
+from dgl.distributed import kvstore as _kvstore
+from dgl.distributed import rpc_client as _rpc_client
+
+ENV_PART = "MAGNET_DGL_PART"
+ENV_SHM_TAG = "MAGNET_DGL_SHM_TAG"
+
+_orig_get_local_machine_id = _rpc_client.get_local_machine_id
+_orig_empty_shared_mem = _ndarray.empty_shared_mem
+_orig_graph_from_shm = _dist_graph._get_graph_from_shared_mem
+_orig_gpb_from_shm = _dist_graph.get_shared_mem_partition_book
+
+
+def shm_tag(part_id: int, port: int) -> str:
+    """The suffix of a partition's KV-store segments: unique on a host while its server runs."""
+    return f"magnet-p{int(part_id)}-{int(port)}"
+
+
+def set_partition(part_id: int, tag: str) -> None:
+    """This process serves or reads partition ``part_id``; its KV-store segments carry ``tag``."""
+    os.environ[ENV_PART] = str(int(part_id))
+    os.environ[ENV_SHM_TAG] = tag
+
+
+def current_partition() -> int | None:
+    value = os.environ.get(ENV_PART)
+    return int(value) if value not in (None, "") else None
+
+
+def current_tag() -> str | None:
+    return os.environ.get(ENV_SHM_TAG) or None
+
+
+def _get_local_machine_id(server_namebook):
+    part = current_partition()
+    if part is None:
+        return _orig_get_local_machine_id(server_namebook)
+    machines = {data[0] for data in server_namebook.values()}
+    if part not in machines:
+        raise RuntimeError(
+            f"magnet_dist: partition {part} has no server in the ip_config "
+            f"(machines {sorted(machines)})"
+        )
+    return part
+
+
+def _kv_empty_shared_mem(name, is_create, shape, dtype="float32"):
+    tag = current_tag()
+    if tag is not None:
+        name = f"{name}{tag}"
+    return _orig_empty_shared_mem(name, is_create, shape, dtype)
+
+
+def _graph_from_shm(graph_name, use_graphbolt):
+    if current_tag() is not None:
+        return None
+    return _orig_graph_from_shm(graph_name, use_graphbolt)
+
+
+def _gpb_from_shm(graph_name):
+    if current_tag() is not None:
+        return None
+    return _orig_gpb_from_shm(graph_name)
+
+
+_rpc_client.get_local_machine_id = _get_local_machine_id
+_kvstore.empty_shared_mem = _kv_empty_shared_mem
+_dist_graph._get_graph_from_shared_mem = _graph_from_shm
+_dist_graph.get_shared_mem_partition_book = _gpb_from_shm

@@ -77,6 +77,9 @@ class MoEConfig(_Section):
     capacity_factor: float | None = None  # None: never drop (capacity = max load)
     ep_size: int = Field(1, ge=1)  # expert-parallel degree
     router_noise: float = Field(0.0, ge=0)  # logit noise std in the coverage stage
+    # RMS-normalise each z_m per token before routing and templates, so template weights mix
+    # modalities on one scale and the router is not starved by tiny embedding products.
+    token_norm: bool = True
 
 
 class RoutingConfig(_Section):

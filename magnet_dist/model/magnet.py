@@ -59,8 +59,12 @@ class MagnetModel(nn.Module):
         return self.encoder(hops, id_emb, feats, is_item_in, is_item_out)
 
     def token(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``."""
-        return torch.cat([hu[m] * hi[m] for m in self.modalities], dim=1)
+        """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``
+        (each z_m RMS-normalised per token when ``moe.token_norm``)."""
+        zs = [hu[m] * hi[m] for m in self.modalities]
+        if self.cfg.moe.token_norm:
+            zs = [z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-12) for z in zs]
+        return torch.cat(zs, dim=1)
 
     def dot_score(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([(hu[m] * hi[m]).sum(1) for m in self.modalities]).mean(0)

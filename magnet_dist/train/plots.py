@@ -103,6 +103,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         fam_share = [usage[[e["family"] == f for e in experts]].sum() * 100 for f in families]
         ax2.bar(families, fam_share, color=[FAMILY_COLOURS.get(f, "tab:gray") for f in families])
         ax2.set(ylabel="share of gate mass (%)", title="Per family")
+        ax2.tick_params(axis="x", labelrotation=30)
         written.append(_save(fig, out_dir / "expert_usage.png"))
 
         reliance = modality_reliance(usage, experts, modalities)

@@ -123,7 +123,7 @@ class TrainerConfig(_Section):
     mode: Literal["reference", "distributed"] = "reference"
     ray_address: str | None = None  # None: existing cluster if RAY_ADDRESS, else embedded local
     host: str = "127.0.0.1"  # bind address for embedded Ray and DGL servers
-    server_port: int = 30050
+    server_port: int = Field(0, ge=0)  # first graph-server port (+1 per partition); 0 = pick free ports
     server_timeout_s: float = Field(120.0, gt=0)
 
 

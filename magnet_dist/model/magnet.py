@@ -36,6 +36,7 @@ class MagnetModel(nn.Module):
     def __init__(self, cfg: Config, content_dims: dict[str, int], moe: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
+        self.content_dims = dict(content_dims)
         m = cfg.model
         self.encoder = DualViewEncoder(
             content_dims, m.dim, m.layers, m.content_view, m.fusion, m.fusion_init

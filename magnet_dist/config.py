@@ -106,7 +106,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1)
     patience: int = Field(10, ge=1)  # evaluations without valid recall@20 gain
     sampled: bool = False  # reference trainer: sampled blocks instead of the full graph
-    fanouts: list[int] = [10, 10]  # neighbours per layer; -1 = all
+    fanouts: list[int] = [10, 10]  # neighbours per layer and edge type (input side first); -1 = all
+    # Scale sampled messages by degree/sampled so they estimate full-graph propagation.
+    sample_rescale: bool = True
     max_steps_per_epoch: int | None = None
     run_dir: str | None = None  # default: runs/<run_name>
     run_name: str = "quickstart"
@@ -123,7 +125,9 @@ class TrainerConfig(_Section):
     mode: Literal["reference", "distributed"] = "reference"
     ray_address: str | None = None  # None: existing cluster if RAY_ADDRESS, else embedded local
     host: str = "127.0.0.1"  # bind address for embedded Ray and DGL servers
-    server_port: int = Field(0, ge=0)  # first graph-server port (+1 per partition); 0 = pick free ports
+    server_port: int = Field(
+        0, ge=0
+    )  # first graph-server port (+1 per partition); 0 = pick free ports
     server_timeout_s: float = Field(120.0, gt=0)
 
 

@@ -202,7 +202,9 @@ class GraphClient:
         return self.to_orig_ids("user", u), self.to_orig_ids("item", i)
 
     # -- sampling -------------------------------------------------------------------------
-    def sample_blocks(self, seed_users, seed_items, fanouts: list[int]) -> SampledBlocks:
+    def sample_blocks(
+        self, seed_users, seed_items, fanouts: list[int], rescale: bool = True
+    ) -> SampledBlocks:
         """Neighbour-sampled hops around the seeds (original ids; duplicates allowed).
 
         ``fanouts[k]``: neighbours per edge type and node at hop k (``fanouts[0]`` nearest the
@@ -210,7 +212,9 @@ class GraphClient:
         ``item_rows`` give each requested seed's row of ``model.encode``'s output."""
         users = self.to_graph_ids("user", seed_users)
         items = self.to_graph_ids("item", seed_items)
-        return sample_blocks(self._access, users, items, list(fanouts), list(self.modalities))
+        return sample_blocks(
+            self._access, users, items, list(fanouts), list(self.modalities), rescale
+        )
 
     # -- ID embeddings --------------------------------------------------------------------
     def init_embeddings(

@@ -42,7 +42,7 @@ IU = ("item", "iu", "user")
 II = ("item", "ii", "item")
 ETYPES = (UI, IU, II)
 FEATURE_PREFIX = "feat_"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: item node data cnt_ii
 
 
 # ----------------------------------------------------------------------------------------------
@@ -61,11 +61,14 @@ def full_graph_degrees(
     user_deg = np.bincount(train_users, minlength=num_users).astype(np.float64)
     item_deg = np.bincount(train_items, minlength=num_items).astype(np.float64)
     content = np.bincount(content_dst, weights=content_weight, minlength=num_items)
+    content_count = np.bincount(content_dst, minlength=num_items)
     return {
         "user": {"deg_o": user_deg.astype(np.float32), "deg_a": user_deg.astype(np.float32)},
         "item": {
             "deg_o": item_deg.astype(np.float32),
             "deg_a": (item_deg + content).astype(np.float32),
+            # unweighted ii in-degree: rescales sampled content neighbours (sampling.py)
+            "cnt_ii": content_count.astype(np.float32),
         },
     }
 
@@ -188,7 +191,12 @@ def partition_arrays(
     ``checksum`` / ``num_parts`` / ``method``; raises :class:`MagnetError` on a mismatch.
     """
     out_dir = Path(out_dir)
-    wanted = {"checksum": checksum, "num_parts": int(num_parts), "method": method}
+    wanted = {
+        "checksum": checksum,
+        "num_parts": int(num_parts),
+        "method": method,
+        "format_version": FORMAT_VERSION,
+    }
     if _reusable(out_dir, wanted, verbose):
         return part_config_path(out_dir)
     if method not in ("random", "metis"):

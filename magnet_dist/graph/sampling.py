@@ -116,9 +116,15 @@ def sample_blocks(
     seed_items: torch.Tensor,
     fanouts: list[int],
     modalities: list[str],
+    rescale: bool = True,
 ) -> SampledBlocks:
     """Sample ``len(fanouts)`` hops around the seeds (graph ids); ``fanouts[0]`` is the hop
-    nearest the input (DGL's convention), each fanout applies per edge type, -1 = all."""
+    nearest the input (DGL's convention), each fanout applies per edge type, -1 = all.
+
+    ``rescale``: multiply each sampled edge's norm by (in-edges of its type at dst) / (sampled
+    ones), an unbiased estimate of the full-graph propagation; without it a node with degree
+    far above the fanout would see only a fanout/degree share of its neighbourhood. With every
+    neighbour sampled the factor is exactly 1."""
     seed_users = torch.as_tensor(seed_users, dtype=torch.int64).reshape(-1)
     seed_items = torch.as_tensor(seed_items, dtype=torch.int64).reshape(-1)
     out_users, user_rows = torch.unique(seed_users, return_inverse=True)
@@ -144,7 +150,9 @@ def sample_blocks(
         nt: {d: graph.node_data(nt, d, ids).float() for d in ("deg_o", "deg_a")}
         for nt, ids in (("user", input_users), ("item", input_items))
     }
-    hops = [_block_to_hop(block, graph, degrees) for block in blocks]
+    if rescale and blocks and II in blocks[0].canonical_etypes:
+        degrees["item"]["cnt_ii"] = graph.node_data("item", "cnt_ii", input_items).float()
+    hops = [_block_to_hop(block, graph, degrees, rescale) for block in blocks]
 
     n_out_u = int(out_users.numel())
     n_out_i = int(out_items.numel())
@@ -169,12 +177,12 @@ def sample_blocks(
     )
 
 
-def _block_to_hop(block, graph: GraphAccess, degrees) -> Hop:
+def _block_to_hop(block, graph: GraphAccess, degrees, rescale: bool = False) -> Hop:
     su, si = block.num_src_nodes("user"), block.num_src_nodes("item")
     du, di = block.num_dst_nodes("user"), block.num_dst_nodes("item")
     src_off = {"user": 0, "item": su}
     dst_off = {"user": 0, "item": du}
-    srcs, dsts, w_obs, w_aug, deg_pairs = [], [], [], [], []
+    srcs, dsts, w_obs, w_aug, deg_pairs, scales = [], [], [], [], [], []
     for etype in (UI, IU, II):
         if etype not in block.canonical_etypes:  # a graph without content edges
             continue
@@ -195,6 +203,12 @@ def _block_to_hop(block, graph: GraphAccess, degrees) -> Hop:
         w_aug.append(w)
         # src / dst positions are prefixes of the input node list (see module docstring)
         deg_pairs.append((stype, s, dtype, d))
+        if rescale:
+            full = degrees[dtype]["cnt_ii" if etype == II else "deg_o"][
+                : block.num_dst_nodes(dtype)
+            ]
+            sampled = torch.bincount(d.long(), minlength=block.num_dst_nodes(dtype)).float()
+            scales.append((full / sampled.clamp_min(1))[d.long()])
     src = torch.cat(srcs).long()
     dst = torch.cat(dsts).long()
     w_obs = torch.cat(w_obs)
@@ -207,11 +221,16 @@ def _block_to_hop(block, graph: GraphAccess, degrees) -> Hop:
             parts.append(degrees[ntype][kind][ids.long()])
         return torch.cat(parts)
 
+    norm_observed = edge_norm(w_obs, degree("deg_o", 0), degree("deg_o", 1))
+    norm_augmented = edge_norm(w_aug, degree("deg_a", 0), degree("deg_a", 1))
+    if rescale:
+        scale = torch.cat(scales)
+        norm_observed, norm_augmented = norm_observed * scale, norm_augmented * scale
     return Hop(
         src=src,
         dst=dst,
-        norm_observed=edge_norm(w_obs, degree("deg_o", 0), degree("deg_o", 1)),
-        norm_augmented=edge_norm(w_aug, degree("deg_a", 0), degree("deg_a", 1)),
+        norm_observed=norm_observed,
+        norm_augmented=norm_augmented,
         num_src=su + si,
         num_dst=du + di,
         dst_in_src=torch.cat([torch.arange(du), su + torch.arange(di)]),

@@ -65,7 +65,7 @@ def sampled_loss(
     ``neg`` is ``[B, n_neg]``; ids are the dataset's 0-based ids."""
     n = users.numel()
     items = torch.cat([pos, neg.reshape(-1)])
-    blocks = client.sample_blocks(users, items, fanouts)
+    blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale)
     emb = client.input_embeddings(blocks)
     reps = model.encode(blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out)
     user_out = blocks.user_rows

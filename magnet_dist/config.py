@@ -80,6 +80,9 @@ class MoEConfig(_Section):
     # RMS-normalise each z_m per token before routing and templates, so template weights mix
     # modalities on one scale and the router is not starved by tiny embedding products.
     token_norm: bool = True
+    dropout: float = Field(0.0, ge=0, lt=1)  # on each expert's hidden layer (training only)
+    weight_decay: float = Field(0.0, ge=0)  # L2 on router, experts and read-out (Adam)
+    detach_token: bool = False  # MoE gradients do not flow back into the encoder
 
 
 class RoutingConfig(_Section):

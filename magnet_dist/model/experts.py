@@ -82,7 +82,9 @@ def free_templates(count: int) -> list[Template]:
 class TemplateExpert(nn.Module):
     """One expert: its template mixes ``z`` into a d-vector, then an MLP ``d -> d_h -> d``."""
 
-    def __init__(self, template: Template, num_modalities: int, dim: int, hidden: int) -> None:
+    def __init__(
+        self, template: Template, num_modalities: int, dim: int, hidden: int, dropout: float = 0.0
+    ) -> None:
         super().__init__()
         self.template = template
         self.num_modalities = num_modalities
@@ -92,7 +94,9 @@ class TemplateExpert(nn.Module):
             self.register_buffer("modality_weights", torch.tensor(template.weights))
         if template.family == "complementary":
             self.gate = nn.Linear(2 * dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, dim))
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, dim)
+        )
 
     def template_input(self, x: torch.Tensor) -> torch.Tensor:
         """``[n, M*d]`` token -> ``[n, d]`` (or the raw token for free experts)."""
@@ -121,13 +125,14 @@ def build_experts(
     beta: float,
     delta: float,
     use_templates: bool = True,
+    dropout: float = 0.0,
 ) -> list[TemplateExpert]:
     """E = |templates| * p experts; copy j of template t is expert ``t * p + j``."""
     templates = build_templates(modalities, families, alpha, beta, delta)
     if not use_templates:
         templates = free_templates(len(templates))
     return [
-        TemplateExpert(t, len(modalities), dim, hidden)
+        TemplateExpert(t, len(modalities), dim, hidden, dropout)
         for t in templates
         for _ in range(experts_per_template)
     ]

@@ -63,6 +63,8 @@ class MagnetModel(nn.Module):
         """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``
         (each z_m RMS-normalised per token when ``moe.token_norm``)."""
         zs = [hu[m] * hi[m] for m in self.modalities]
+        if self.cfg.moe.detach_token:
+            zs = [z.detach() for z in zs]
         if self.cfg.moe.token_norm:
             zs = [z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-12) for z in zs]
         return torch.cat(zs, dim=1)
@@ -112,9 +114,21 @@ class MagnetModel(nn.Module):
         return LossOutput(bpr + reg + route, bpr, reg, route, stats)
 
 
-def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Optimizer groups: the MoE head (router, experts, read-out) gets ``moe.weight_decay``."""
+    moe, rest = [], []
+    for name, p in model.named_parameters():
+        (moe if name.startswith(("moe.", "readout.")) else rest).append(p)
+    groups = [{"params": rest}]
+    if moe:
+        groups.append({"params": moe, "weight_decay": weight_decay})
+    return groups
+
+
+def build_expert_pool(cfg: Config, modalities: list[str]) -> list:
+    """The E experts of the configured pool, in global order (any sharding picks from these)."""
     m, moe = cfg.model, cfg.moe
-    experts = build_experts(
+    return build_experts(
         modalities,
         list(moe.families),
         moe.experts_per_template,
@@ -124,7 +138,16 @@ def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
         moe.beta,
         moe.delta,
         use_templates=m.templates,
+        dropout=moe.dropout,
     )
+
+
+def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
+    moe = cfg.moe
     return TripletMoE(
-        experts, len(modalities) * m.dim, moe.top_k, moe.capacity_factor, moe.router_noise
+        build_expert_pool(cfg, modalities),
+        len(modalities) * cfg.model.dim,
+        moe.top_k,
+        moe.capacity_factor,
+        moe.router_noise,
     )

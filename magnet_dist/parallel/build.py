@@ -7,8 +7,8 @@ import torch.distributed as dist
 from torch import nn
 
 from magnet_dist.config import Config
-from magnet_dist.model.experts import build_experts, build_templates
-from magnet_dist.model.magnet import build_dense_moe
+from magnet_dist.model.experts import build_templates
+from magnet_dist.model.magnet import build_dense_moe, build_expert_pool
 from magnet_dist.parallel.groups import validate_ep_size
 
 
@@ -56,17 +56,7 @@ def build_moe(
             return build_dense_moe(cfg, modalities)
         from magnet_dist.parallel.expert_parallel import ExpertParallelMoE
 
-        experts = build_experts(
-            modalities,
-            list(moe.families),
-            moe.experts_per_template,
-            m.dim,
-            moe.hidden_mult * m.dim,
-            moe.alpha,
-            moe.beta,
-            moe.delta,
-            use_templates=m.templates,
-        )
+        experts = build_expert_pool(cfg, modalities)
         return ExpertParallelMoE(
             experts,
             len(modalities) * m.dim,

@@ -18,7 +18,7 @@ from magnet_dist.config import Config
 from magnet_dist.data.dataset import Dataset, load_dataset
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 from magnet_dist.model.hops import Hop, full_graph_hop
-from magnet_dist.model.magnet import MagnetModel
+from magnet_dist.model.magnet import MagnetModel, parameter_groups
 from magnet_dist.model.schedule import ScheduleState, advance
 from magnet_dist.train.batches import NegativeSampler, batch_rng, epoch_batches
 from magnet_dist.train.checkpoint import load_checkpoint, save_checkpoint
@@ -104,7 +104,8 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
     graph = FullGraph(ds, cfg, edges)
     model = build_model(cfg, ds)
     emb = init_id_embeddings(ds.num_users + ds.num_items, cfg.model.dim, cfg.train.seed)
-    opt = torch.optim.Adam([*model.parameters(), *emb.parameters()], lr=cfg.train.lr)
+    groups = parameter_groups(model, cfg.moe.weight_decay)
+    opt = torch.optim.Adam([*groups, {"params": list(emb.parameters())}], lr=cfg.train.lr)
     if model.moe is not None:
         write_json_atomic(run_dir / "experts.json", expert_table(model))
 

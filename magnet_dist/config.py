@@ -77,9 +77,9 @@ class MoEConfig(_Section):
     capacity_factor: float | None = None  # None: never drop (capacity = max load)
     ep_size: int = Field(1, ge=1)  # expert-parallel degree
     router_noise: float = Field(0.0, ge=0)  # logit noise std in the coverage stage
-    # RMS-normalise each z_m per token before routing and templates, so template weights mix
-    # modalities on one scale and the router is not starved by tiny embedding products.
-    token_norm: bool = True
+    # RMS-normalise each z_m per token: "router" (the router's input only: confident routing is
+    # reachable although embedding products are tiny), "all" (experts' inputs too), "none".
+    token_norm: Literal["none", "router", "all"] = "router"
     dropout: float = Field(0.0, ge=0, lt=1)  # on each expert's hidden layer (training only)
     weight_decay: float = Field(0.0, ge=0)  # L2 on router, experts and read-out (Adam)
     detach_token: bool = False  # MoE gradients do not flow back into the encoder
@@ -117,6 +117,9 @@ class TrainConfig(_Section):
     run_name: str = "quickstart"
     storage_path: str | None = None  # Ray Train storage; default: <run_dir>/ray
     checkpoint_every: int = Field(1, ge=1)  # epochs
+    # distributed: also checkpoint every N training steps (0 = only at epoch ends), with the
+    # position inside the epoch, so a restarted worker group loses at most N steps
+    checkpoint_every_steps: int = Field(0, ge=0)
     max_failures: int = Field(0, ge=-1)  # Ray Train worker-group restarts (-1: unlimited)
     threads_per_worker: int | None = None  # torch threads per worker (default: cpus_per_worker)
     cpus_per_worker: float = Field(1.0, gt=0)  # Ray resources reserved per training worker
@@ -140,6 +143,10 @@ class EvalConfig(_Section):
     item_chunk: int = Field(65536, ge=1)
     two_stage_above_items: int = Field(200_000, ge=1)  # catalogue size for retrieve-then-rerank
     candidates: int = Field(200, ge=1)
+    # Ranking inside the distributed trainer (every worker encodes its user shard and every item
+    # with full neighbourhoods). False: no in-loop ranking; the last epoch's model is exported as
+    # checkpoints/best.pt for `magnet-dist evaluate` (large graphs, e.g. the 1M scale run).
+    in_loop: bool = True
 
 
 class Config(_Section):

@@ -76,8 +76,11 @@ class Dataset:
     def _interactions(self) -> dict[str, np.ndarray]:
         file = self.path / INTERACTIONS_FILE
         cols = [USER_COL, ITEM_COL, SPLIT_COL] + ([TIME_COL] if self.has_timestamp else [])
-        table = pq.read_table(file, columns=cols, memory_map=True)
-        out = {c: table.column(c).to_numpy() for c in cols}
+        try:
+            table = pq.read_table(file, columns=cols, memory_map=True)
+            out = {c: table.column(c).to_numpy() for c in cols}
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{file}: unreadable ({err}); {_PREPARE_HINT}") from err
         del table
         users, items, split = out[USER_COL], out[ITEM_COL], out[SPLIT_COL]
         if users.size:
@@ -123,7 +126,10 @@ class Dataset:
     def _read_features(self, name: str) -> np.ndarray:
         file = self.path / features_file(name)
         dim = self.modalities[name]
-        table = pq.read_table(file, memory_map=True)
+        try:
+            table = pq.read_table(file, memory_map=True)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{file}: unreadable ({err}); {_PREPARE_HINT}") from err
         if table.num_rows != self.num_items:
             raise DataError(
                 f"{file}: {table.num_rows} rows, expected one per item ({self.num_items}); "

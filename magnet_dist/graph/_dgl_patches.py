@@ -14,6 +14,12 @@ DGL 2.1 assumes one partition per machine (DESIGN.md, "DGL distributed on one ho
    ``edge_split`` and the KV store's "local partition" are wrong for all but one client. Here the
    machine id is the partition id given by magnet_dist.
 
+3. Neighbour sampling runs on the graph servers with the server's own random stream, so what a
+   worker samples depends on the order in which every worker's requests reach the server:
+   not reproducible, and not resumable from a checkpoint. Here a sampling request carries a
+   seed chosen by the client (:func:`sampling_seed`, derived from (seed, epoch, step, rank)) and
+   the server reseeds DGL's generator with it before serving that request.
+
 The patches live in this imported module (not inside a function) so that processes which import
 DGL through magnet_dist get them; the per-process values come from ``MAGNET_DGL_PART`` /
 ``MAGNET_DGL_SHM_TAG`` (so child processes such as DGL sampler workers inherit them) or from
@@ -23,9 +29,13 @@ DGL through magnet_dist get them; the per-process values come from ``MAGNET_DGL_
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 
+import numpy as np
+from dgl import random as _dgl_random
 from dgl._ffi import ndarray as _ndarray
 from dgl.distributed import dist_graph as _dist_graph
+from dgl.distributed import graph_services as _graph_services
 from dgl.distributed import kvstore as _kvstore
 from dgl.distributed import rpc_client as _rpc_client
 
@@ -36,6 +46,14 @@ _orig_get_local_machine_id = _rpc_client.get_local_machine_id
 _orig_empty_shared_mem = _ndarray.empty_shared_mem
 _orig_graph_from_shm = _dist_graph._get_graph_from_shared_mem
 _orig_gpb_from_shm = _dist_graph.get_shared_mem_partition_book
+_Request = _graph_services.SamplingRequestEtype
+_orig_req_init = _Request.__init__
+_orig_req_getstate = _Request.__getstate__
+_orig_req_setstate = _Request.__setstate__
+_orig_req_process = _Request.process_request
+
+# client side: the seed of the sampling requests being issued (None: server's own stream)
+_sampling: dict[str, int | None] = {"base": None, "count": 0}
 
 
 def shm_tag(part_id: int, port: int) -> str:
@@ -90,6 +108,61 @@ def _gpb_from_shm(graph_name):
     return _orig_gpb_from_shm(graph_name)
 
 
+def _derive_seed(base: int, count: int) -> int:
+    """A 31-bit seed (DGL takes a C int) from the base seed and the request's position."""
+    return int(np.random.SeedSequence([base, count]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+@contextmanager
+def sampling_seed(seed: int | None):
+    """Neighbour sampling inside the block is a pure function of ``seed``: every sampling
+    request gets its own seed (``seed`` and the request's position in the block), and the
+    server reseeds with it before sampling, whatever the other clients do meanwhile. A
+    client-local sampling path (a co-located partition in shared memory) is seeded too."""
+    if seed is None:
+        yield
+        return
+    previous = dict(_sampling)
+    _sampling.update(base=int(seed), count=0)
+    try:
+        yield
+    finally:
+        _sampling.update(previous)
+
+
+def next_sampling_seed() -> int | None:
+    """The seed for the next sampling call inside :func:`sampling_seed` (None outside)."""
+    if _sampling["base"] is None:
+        return None
+    _sampling["count"] += 1
+    return _derive_seed(_sampling["base"], _sampling["count"])
+
+
+def _req_init(self, *args, **kwargs):
+    _orig_req_init(self, *args, **kwargs)
+    self.magnet_seed = next_sampling_seed()
+
+
+def _req_getstate(self):
+    return (_orig_req_getstate(self), getattr(self, "magnet_seed", None))
+
+
+def _req_setstate(self, state):
+    inner, self.magnet_seed = state
+    _orig_req_setstate(self, inner)
+
+
+def _req_process(self, server_state):
+    seed = getattr(self, "magnet_seed", None)
+    if seed is not None:
+        _dgl_random.seed(seed)
+    return _orig_req_process(self, server_state)
+
+
+_Request.__init__ = _req_init
+_Request.__getstate__ = _req_getstate
+_Request.__setstate__ = _req_setstate
+_Request.process_request = _req_process
 _rpc_client.get_local_machine_id = _get_local_machine_id
 _kvstore.empty_shared_mem = _kv_empty_shared_mem
 _dist_graph._get_graph_from_shared_mem = _graph_from_shm

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from magnet_dist.errors import MagnetError
+from magnet_dist.errors import MagnetError, record_fault
 from magnet_dist.graph import _dgl_patches
 from magnet_dist.graph.partition import ID_MAP_DIR, META_FILE, UI, read_meta
 from magnet_dist.graph.sampling import GraphAccess, SampledBlocks, modalities_of, sample_blocks
@@ -46,6 +46,10 @@ from magnet_dist.graph.servers import GRAPH_FORMAT, num_partitions, read_ip_conf
 
 WATCHDOG_EXIT = 70
 CONNECT_GRACE_S = 10.0  # watchdog margin over DGL's connection retries in connect()
+# Read-only node/edge data (item features, degrees, content-edge weights) copied into each
+# client once when they fit in this many GiB (MAGNET_NODE_CACHE_GB; 0 disables): at 1M users /
+# 100k items (512 feature dims) that is ~0.22 GiB per worker instead of a KV pull per step.
+NODE_CACHE_GB = float(os.environ.get("MAGNET_NODE_CACHE_GB", "2"))
 
 
 @contextmanager
@@ -59,13 +63,13 @@ def watchdog(timeout_s: float | None, what: str):
     def fire() -> None:
         if done.wait(timeout_s):
             return
-        print(
+        message = (
             f"magnet_dist: timed out after {timeout_s:.0f} s waiting for {what}; the graph "
             "servers may not be running, may expect a different number of clients "
-            "(start_servers(num_clients=...)), or another worker failed. Exiting.",
-            file=sys.stderr,
-            flush=True,
+            "(start_servers(num_clients=...)), or another worker failed. Exiting."
         )
+        print(message, file=sys.stderr, flush=True)
+        record_fault(message)
         os._exit(WATCHDOG_EXIT)
 
     thread = threading.Thread(target=fire, daemon=True, name="magnet-dgl-watchdog")
@@ -92,10 +96,16 @@ def _init_xavier(shape, dtype, bound: float, seed: int):
 class _DistAccess(GraphAccess):
     def __init__(self, g) -> None:
         self.g = g
+        # (ntype or etype, name) -> full local copy, indexed like the DistTensor (graph ids)
+        self.local: dict[tuple, torch.Tensor] = {}
 
     def sample_frontier(self, seeds, fanout):
         import dgl
 
+        if self.g.local_partition is not None:  # sampled here, not on a server: seed it too
+            seed = _dgl_patches.next_sampling_seed()
+            if seed is not None:
+                dgl.random.seed(seed)
         frontier = dgl.distributed.sample_etype_neighbors(self.g, seeds, fanout, etype_sorted=True)
         etypes = self.g.canonical_etypes
         if set(frontier.canonical_etypes) == set(etypes):
@@ -117,10 +127,41 @@ class _DistAccess(GraphAccess):
         return full
 
     def node_data(self, ntype, name, ids):
+        local = self.local.get((ntype, name))
+        if local is not None:
+            return local[ids]
         return self.g.nodes[ntype].data[name][ids]
 
     def edge_data(self, etype, name, eids):
+        local = self.local.get((etype, name))
+        if local is not None:
+            return local[eids]
         return self.g.edges[etype].data[name][eids]
+
+    def cache_locally(self, budget_bytes: int, chunk: int = 1 << 16) -> dict[str, int]:
+        """Copy the read-only per-step inputs (item features, degrees, content-edge weights) into
+        this process once, if they fit in ``budget_bytes``: sampling then gathers them with a
+        local index instead of a KV-store pull (an RPC for other partitions' nodes) per step."""
+        from magnet_dist.graph.partition import II
+
+        wanted = [("user", n) for n in ("deg_o", "deg_a")]
+        wanted += [("item", str(n)) for n in self.g.nodes["item"].data.keys()
+                   if str(n) != "orig_id"]
+        tensors = [(key, self.g.nodes[key[0]].data[key[1]]) for key in wanted]
+        if II in self.g.canonical_etypes:
+            tensors.append(((II, "weight"), self.g.edges[II].data["weight"]))
+        sizes = {
+            key: int(np.prod(t.shape)) * torch.empty(0, dtype=t.dtype).element_size()
+            for key, t in tensors
+        }
+        if sum(sizes.values()) > budget_bytes:
+            return {}
+        for key, t in tensors:
+            n = int(t.shape[0])
+            self.local[key] = torch.cat(
+                [t[torch.arange(s, min(s + chunk, n))] for s in range(0, n, chunk)]
+            ) if n else t[torch.zeros(0, dtype=torch.int64)]
+        return {str(k[-1]) if k[0] == "item" else f"{k[0]}/{k[-1]}": v for k, v in sizes.items()}
 
 
 class EmbeddingOptimizer:
@@ -142,7 +183,35 @@ class EmbeddingOptimizer:
         self.opt.save(str(path))
 
     def load(self, path: str | Path) -> None:
-        self.opt.load(str(path))
+        """Read ``<path>_<rank>`` (collective), as DGL's ``load`` does (a missing file loads
+        nothing; fewer workers than the writer read the extra ranks' files too), but with
+        ``torch.load(weights_only=True)`` (DGL's unpickles arbitrary objects)."""
+        import warnings
+
+        world, rank = self.opt._world_size, self.opt._rank
+        if world > 1:
+            torch.distributed.barrier()
+        own = Path(f"{path}_{rank}")
+        if not own.is_file():
+            warnings.warn(f"{own} not found: the sparse optimizer state starts fresh", stacklevel=2)
+        else:
+            old_world = self._load_from(own)
+            for other in range(rank + world, old_world, world):
+                self._load_from(Path(f"{path}_{other}"))
+        if world > 1:
+            torch.distributed.barrier()
+
+    def _load_from(self, file: Path) -> int:
+        state = _load_tensors(file, "sparse optimizer state")
+        try:
+            old_world = int(state["params"].pop("world_size"))
+            self.opt.load_local_state_dict(state)
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as err:
+            raise MagnetError(
+                f"sparse optimizer state {file} does not fit this run ({type(err).__name__}: "
+                f"{err}); it needs the same embeddings and partitions as the run that wrote it"
+            ) from None
+        return old_world
 
 
 class GraphClient:
@@ -171,6 +240,10 @@ class GraphClient:
             m: int(g.nodes["item"].data["feat_" + m].shape[1]) for m in modalities_of(names)
         }
         self._access = _DistAccess(g)
+        self.cached: dict[str, int] = {}
+        if NODE_CACHE_GB > 0:
+            with watchdog(timeout_s, "copying node features from the graph servers"):
+                self.cached = self._access.cache_locally(int(NODE_CACHE_GB * 2**30))
         self.user_emb = None
         self.item_emb = None
         self._closed = False
@@ -203,18 +276,21 @@ class GraphClient:
 
     # -- sampling -------------------------------------------------------------------------
     def sample_blocks(
-        self, seed_users, seed_items, fanouts: list[int], rescale: bool = True
+        self, seed_users, seed_items, fanouts: list[int], rescale: bool = True, seed=None
     ) -> SampledBlocks:
         """Neighbour-sampled hops around the seeds (original ids; duplicates allowed).
 
         ``fanouts[k]``: neighbours per edge type and node at hop k (``fanouts[0]`` nearest the
         input; -1 = all); ``len(fanouts)`` = ``model.layers``. The result's ``user_rows`` /
-        ``item_rows`` give each requested seed's row of ``model.encode``'s output."""
+        ``item_rows`` give each requested seed's row of ``model.encode``'s output. ``seed``
+        (int): the sample is a pure function of it (reproducible, resumable); None: the
+        servers' own random streams."""
         users = self.to_graph_ids("user", seed_users)
         items = self.to_graph_ids("item", seed_items)
-        return sample_blocks(
-            self._access, users, items, list(fanouts), list(self.modalities), rescale
-        )
+        with _dgl_patches.sampling_seed(seed):
+            return sample_blocks(
+                self._access, users, items, list(fanouts), list(self.modalities), rescale
+            )
 
     # -- ID embeddings --------------------------------------------------------------------
     def init_embeddings(
@@ -337,7 +413,7 @@ class GraphClient:
         for nt in mine:
             mine[nt][self._my_rows(nt, rank, world_size)] = True
         for file in files:
-            state = torch.load(file)
+            state = _load_tensors(file, "embedding shard")
             for nt, emb in (("user", self.user_emb), ("item", self.item_emb)):
                 ids = self.to_graph_ids(nt, state[f"{nt}_ids"])
                 keep = mine[nt][ids]
@@ -402,11 +478,33 @@ class GraphClient:
         with watchdog(self.timeout_s, "the other clients in exit_client"):
             dgl.distributed.exit_client()
 
+    def abandon(self) -> None:
+        """Give up the connection without ``exit_client`` (a server is gone: the collective
+        exit would wait for it); the process is expected to end soon."""
+        self._closed = True
+        atexit.unregister(self.close)
+
     def __enter__(self) -> GraphClient:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _load_tensors(file: Path, what: str) -> dict:
+    """``torch.load(weights_only=True)`` of a checkpoint piece, or a MagnetError naming it."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise MagnetError(f"{what} {file} is missing from the checkpoint") from None
+    except Exception as err:  # truncated, corrupted, or not a tensors-only file
+        raise MagnetError(
+            f"{what} {file} cannot be read ({type(err).__name__}: {err}); the checkpoint is "
+            "damaged: delete it (or the run's storage folder) to start over"
+        ) from None
+    if not isinstance(state, dict):
+        raise MagnetError(f"{what} {file} is not a magnet_dist checkpoint piece")
+    return state
 
 
 def part_for_rank(rank: int, world_size: int, num_parts: int) -> int:

@@ -32,7 +32,8 @@ class SampledBlocks:
     """One mini-batch's message-flow graph, in the sampled graph's id space.
 
     ``input_users``/``input_items``: graph ids of the first hop's src nodes (input rows are
-    users first, then items); ``features``: per modality ``[num_input, d]`` (zeros for users);
+    users first, then items); ``features``: per modality ``[num_input_items, d]`` (item rows only, in
+    ``is_item_in`` order; users have no content input);
     ``user_rows``/``item_rows``: for each requested seed (in request order, duplicates
     allowed) its row among the output nodes (the last hop's dst nodes: unique seed users, then
     unique seed items); ``output_in_input``: input row of every output node (layer-0 rows,
@@ -156,10 +157,11 @@ def sample_blocks(
 
     n_out_u = int(out_users.numel())
     n_out_i = int(out_items.numel())
-    features = {}
-    for m in modalities:
-        x = graph.node_data("item", FEATURE_PREFIX + m, input_items).float()
-        features[m] = torch.cat([x.new_zeros(n_in_u, x.shape[1]), x])
+    # item rows only (``is_item_in``'s True rows, in order): users have no content input, and
+    # at scale most input nodes are users, so zero rows for them would dominate every step
+    features = {
+        m: graph.node_data("item", FEATURE_PREFIX + m, input_items).float() for m in modalities
+    }
     return SampledBlocks(
         hops=hops,
         input_users=input_users,

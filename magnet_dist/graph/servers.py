@@ -33,6 +33,7 @@ from magnet_dist.errors import MagnetError
 
 READY_POLL_S = 0.2
 PARENT_POLL_S = 1.0
+WATCH_POLL_S = 0.5
 GRAPH_FORMAT = "csc,coo"  # "csc" alone crashes the server on edge loading (DESIGN.md)
 
 
@@ -74,8 +75,13 @@ def num_partitions(part_config: str | Path) -> int:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """Raise MagnetError if ``host:port`` cannot be bound (another process listens there)."""
+    """Raise MagnetError if ``host:port`` cannot be bound (another process listens there).
+
+    SO_REUSEADDR, as the DGL server's own socket: connections of a server that was just
+    killed linger in TIME_WAIT on its port for a minute, which must not count as "in use"
+    when a restarted worker group starts a server on the same fixed port."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -129,6 +135,7 @@ class ServerGroup:
     procs: dict[int, subprocess.Popen] = field(default_factory=dict)
     logs: dict[int, Path] = field(default_factory=dict)
     start_s: float = 0.0
+    _stop_watch: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def pids(self) -> dict[int, int]:
@@ -147,8 +154,39 @@ class ServerGroup:
                 return False
         return True
 
+    def watch(self, on_exit, poll_s: float = WATCH_POLL_S) -> threading.Thread:
+        """Call ``on_exit(part, returncode, message)`` from a daemon thread as soon as one of
+        these servers exits before :meth:`unwatch` / :meth:`stop` (a server that dies
+        mid-run: its clients would otherwise block in DGL's RPC until a watchdog fires).
+        ``message`` names the partition, the address, the exit status and the log."""
+
+        def loop() -> None:
+            while not self._stop_watch.wait(poll_s):
+                for part, proc in self.procs.items():
+                    code = proc.poll()
+                    if code is None or self._stop_watch.is_set():
+                        continue
+                    addr = self.addresses[part]
+                    on_exit(
+                        part,
+                        code,
+                        f"graph server of partition {part} (PID {proc.pid}, {addr.host}:"
+                        f"{addr.port}) exited with status {code} while training was running; "
+                        f"its log {self.logs.get(part)} ends with:\n{self.log_tail(part)}",
+                    )
+                    return
+
+        thread = threading.Thread(target=loop, daemon=True, name="magnet-server-watch")
+        thread.start()
+        return thread
+
+    def unwatch(self) -> None:
+        """End :meth:`watch` (before the servers are expected to exit, e.g. ``exit_client``)."""
+        self._stop_watch.set()
+
     def stop(self, grace_s: float = 5.0) -> None:
         """Terminate (then kill) every server still running, by PID, and reap it."""
+        self.unwatch()
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.terminate()

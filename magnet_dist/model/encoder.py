@@ -51,9 +51,20 @@ class DualViewEncoder(nn.Module):
     def layer0(
         self, id_emb: torch.Tensor, feats: dict[str, torch.Tensor], is_item: torch.Tensor
     ) -> torch.Tensor:
-        """Layer-0 input of every channel, concatenated: ``[n, M*d]``."""
-        item = is_item.to(id_emb.dtype).unsqueeze(1)
-        parts = [id_emb] + [self.projections[c](feats[c]) * item for c in self.modalities[1:]]
+        """Layer-0 input of every channel, concatenated: ``[n, M*d]``.
+
+        ``feats[c]`` holds either every input node's row (users' rows ignored: their content
+        input is 0) or only the item rows, in the order of ``is_item``'s True entries; only
+        item rows are projected (at scale most input nodes are users)."""
+        n = id_emb.shape[0]
+        item_idx = torch.nonzero(is_item, as_tuple=True)[0]
+        parts = [id_emb]
+        for c in self.modalities[1:]:
+            x = feats[c]
+            if x.shape[0] != item_idx.numel():
+                x = x[item_idx]
+            h = self.projections[c](x)
+            parts.append(h.new_zeros(n, h.shape[1]).index_put((item_idx,), h))
         return torch.cat(parts, dim=1)
 
     def propagate(self, h0: torch.Tensor, hops: list[Hop], view: str) -> torch.Tensor:

@@ -19,7 +19,7 @@ from magnet_dist.model.encoder import DualViewEncoder
 from magnet_dist.model.experts import build_experts
 from magnet_dist.model.hops import Hop
 from magnet_dist.model.moe import TripletMoE
-from magnet_dist.model.router import RoutingStats
+from magnet_dist.model.router import RoutingStats, rms_normalise_blocks
 from magnet_dist.model.schedule import COVERAGE, ScheduleState, routing_loss
 
 
@@ -61,13 +61,13 @@ class MagnetModel(nn.Module):
 
     def token(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``
-        (each z_m RMS-normalised per token when ``moe.token_norm``)."""
-        zs = [hu[m] * hi[m] for m in self.modalities]
+        (each z_m RMS-normalised per token when ``moe.token_norm="all"``)."""
+        x = torch.cat([hu[m] * hi[m] for m in self.modalities], dim=1)
         if self.cfg.moe.detach_token:
-            zs = [z.detach() for z in zs]
-        if self.cfg.moe.token_norm:
-            zs = [z * torch.rsqrt(z.pow(2).mean(1, keepdim=True) + 1e-12) for z in zs]
-        return torch.cat(zs, dim=1)
+            x = x.detach()
+        if self.cfg.moe.token_norm == "all":
+            x = rms_normalise_blocks(x, len(self.modalities))
+        return x
 
     def dot_score(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([(hu[m] * hi[m]).sum(1) for m in self.modalities]).mean(0)
@@ -142,6 +142,11 @@ def build_expert_pool(cfg: Config, modalities: list[str]) -> list:
     )
 
 
+def router_blocks(cfg: Config, modalities: list[str]) -> int:
+    """Modality blocks the router normalises (``moe.token_norm`` router/all), else 0."""
+    return len(modalities) if cfg.moe.token_norm != "none" else 0
+
+
 def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
     moe = cfg.moe
     return TripletMoE(
@@ -150,4 +155,5 @@ def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
         moe.top_k,
         moe.capacity_factor,
         moe.router_noise,
+        router_blocks(cfg, modalities),
     )

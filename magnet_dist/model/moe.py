@@ -21,10 +21,11 @@ class TripletMoE(nn.Module):
         top_k: int,
         capacity_factor: float | None = None,
         router_noise: float = 0.0,
+        router_blocks: int = 0,
     ) -> None:
         super().__init__()
         self.experts = nn.ModuleList(experts)
-        self.router = TopKRouter(token_dim, len(experts), top_k, router_noise)
+        self.router = TopKRouter(token_dim, len(experts), top_k, router_noise, router_blocks)
         self.capacity_factor = capacity_factor
         self.dim = experts[0].dim
 

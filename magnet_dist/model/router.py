@@ -65,6 +65,12 @@ class RoutingStats:
         return self.num_experts * torch.sum(self.prob_sum / n * frac)
 
 
+def rms_normalise_blocks(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Each of the ``blocks`` equal slices of every row divided by its root mean square."""
+    z = x.view(x.shape[0], blocks, -1)
+    return (z * torch.rsqrt(z.pow(2).mean(2, keepdim=True) + 1e-12)).view_as(x)
+
+
 def entropy(p: torch.Tensor) -> torch.Tensor:
     """Row-wise Shannon entropy (nats), with 0 log 0 = 0."""
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim=-1)
@@ -120,15 +126,23 @@ def routing_stats(routing: Routing) -> RoutingStats:
 
 
 class TopKRouter(nn.Module):
-    """``logits = W_r x`` (+ Gaussian noise in the coverage stage while training)."""
+    """``logits = W_r x`` (+ Gaussian noise in the coverage stage while training).
 
-    def __init__(self, token_dim: int, num_experts: int, top_k: int, noise: float = 0.0) -> None:
+    ``blocks > 0``: the router sees each of the token's ``blocks`` equal parts (one per
+    modality) RMS-normalised, so routing is not starved by tiny embedding products."""
+
+    def __init__(
+        self, token_dim: int, num_experts: int, top_k: int, noise: float = 0.0, blocks: int = 0
+    ) -> None:
         super().__init__()
         self.proj = nn.Linear(token_dim, num_experts, bias=False)
         self.top_k = top_k
         self.noise = noise
+        self.blocks = blocks
 
     def forward(self, x: torch.Tensor, capacity: int | None, explore: bool = False) -> Routing:
+        if self.blocks:
+            x = rms_normalise_blocks(x, self.blocks)
         logits = self.proj(x)
         if explore and self.training and self.noise > 0:
             logits = logits + torch.randn_like(logits) * self.noise

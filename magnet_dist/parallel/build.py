@@ -8,7 +8,7 @@ from torch import nn
 
 from magnet_dist.config import Config
 from magnet_dist.model.experts import build_templates
-from magnet_dist.model.magnet import build_dense_moe, build_expert_pool
+from magnet_dist.model.magnet import build_dense_moe, build_expert_pool, router_blocks
 from magnet_dist.parallel.groups import validate_ep_size
 
 
@@ -65,4 +65,5 @@ def build_moe(
             capacity_factor=moe.capacity_factor,
             router_noise=moe.router_noise,
             dispatch=dispatch,
+            router_blocks=router_blocks(cfg, modalities),
         )

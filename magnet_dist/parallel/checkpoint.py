@@ -101,7 +101,13 @@ def save_expert_shard(
 
 
 def _read(path: Path) -> dict:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupted, or not a tensors-only file
+        raise CheckpointError(
+            f"expert shard {path} cannot be read ({type(err).__name__}: {err}); the checkpoint "
+            "is damaged: delete it to start over"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a magnet_dist expert shard ({FORMAT})")
     return state

@@ -247,6 +247,7 @@ class ExpertParallelMoE(MoE):
         capacity_factor: float | None = None,
         router_noise: float = 0.0,
         dispatch: str = "index",
+        router_blocks: int = 0,
     ) -> None:
         nn.Module.__init__(self)  # not MoE.__init__: see the class docstring
         if dispatch not in DISPATCH_MODES:
@@ -256,7 +257,7 @@ class ExpertParallelMoE(MoE):
                 f"got {len(experts)} experts but the expert-parallel groups were set up for "
                 f"E={groups.num_experts}"
             )
-        self.router = TopKRouter(token_dim, len(experts), top_k, router_noise)
+        self.router = TopKRouter(token_dim, len(experts), top_k, router_noise, router_blocks)
         self.capacity_factor = capacity_factor
         self.dim = experts[0].dim
         self.ep_size = groups.ep_size

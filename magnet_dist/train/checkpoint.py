@@ -38,7 +38,10 @@ def save_checkpoint(path: Path, cfg: Config, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fp = config_fingerprint(cfg)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({**payload, "config_fingerprint": json.dumps(fp, sort_keys=True)}, tmp)
+    with open(tmp, "wb") as f:
+        torch.save({**payload, "config_fingerprint": json.dumps(fp, sort_keys=True)}, f)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
     os.replace(tmp, path)
 
 
@@ -51,7 +54,9 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any]:
             f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); "
             "delete it to start over, or point train.run_dir at another run"
         ) from None
-    theirs = json.loads(ck.get("config_fingerprint", "{}"))
+    if not isinstance(ck, dict) or "config_fingerprint" not in ck:
+        raise MagnetError(f"{path} is not a magnet_dist checkpoint (no config fingerprint)")
+    theirs = json.loads(ck["config_fingerprint"])
     ours = config_fingerprint(cfg)
     if theirs != ours:
         diff = _diff(theirs, ours)

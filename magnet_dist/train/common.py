@@ -112,3 +112,29 @@ def append_evaluation(run_dir: Path, row: dict[str, Any]) -> None:
 def print_metrics(metrics: dict[str, Any]) -> None:
     keys = [k for k in metrics if k.startswith(("valid.", "test."))] + ["best_epoch"]
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}, indent=2))
+
+
+def truncate_evaluations(run_dir: Path, step: int) -> None:
+    """Drop evaluations.csv rows after ``step`` (a resumed run evaluates those again)."""
+    path = Path(run_dir) / "evaluations.csv"
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    if not lines:
+        return
+    header, rows = lines[0], lines[1:]
+    col = header.split(",").index("step") if "step" in header.split(",") else None
+    if col is None:
+        return
+    kept = []
+    for line in rows:
+        fields = line.split(",")
+        if (
+            len(fields) == len(header.split(","))
+            and fields[col].isdigit()
+            and int(fields[col]) <= step
+        ):
+            kept.append(line)
+    tmp = path.with_suffix(".csv.tmp")
+    tmp.write_text("\n".join([header, *kept]) + "\n")
+    tmp.replace(path)

@@ -89,16 +89,22 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from magnet_dist.graph.servers import free_base_port
-    from magnet_dist.train.worker import train_loop_per_worker
+    from magnet_dist.data.dataset import load_dataset
+    from magnet_dist.train.worker import FAILURE_LOG, train_loop_per_worker
 
+    # every input is checked before anything is written or started: a damaged Parquet file
+    # (checksums of manifest.json), partitions of other data, a checkpoint of another config
+    load_dataset(cfg.data.path, verify_checksum=True)
     part_config = ensure_partitions(cfg, quiet=not progress)
     num_parts = check_layout(cfg)
     run_dir = cfg.run_dir.resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     storage = Path(cfg.train.storage_path or run_dir / "ray").resolve()
-    base_port = cfg.trainer.server_port or free_base_port(cfg.trainer.host, count=num_parts)
-    with ray_cluster(cfg):
+    check_resume_checkpoint(cfg, storage / cfg.train.run_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    # the servers of a failed worker group are SIGKILLed by Ray: clean their shared memory
+    # once Ray is done (on leaving both blocks)
+    with _remove_dead_segments_after(run_dir), ray_cluster(cfg):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -106,8 +112,11 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 "run_dir": str(run_dir),
                 "part_config": str(part_config.resolve()),
                 "num_parts": num_parts,
-                "base_port": base_port,
+                # 0: the workers pick free ports at every (re)start of the worker group
+                "base_port": cfg.trainer.server_port,
                 "progress": progress,
+                # test hooks that inject faults (worker.FaultHooks); empty unless set
+                "faults": {k: v for k, v in os.environ.items() if k.startswith("MAGNET_FAULT_")},
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.workers,
@@ -123,10 +132,100 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
             ),
         )
-        result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+        try:
+            result = trainer.fit()  # Train V2 raises TrainingFailedError on failure
+            if result.error is not None:
+                raise result.error
+        except Exception as err:
+            explained = explain_failure(err, run_dir / FAILURE_LOG, started)
+            if explained is err:
+                raise
+            raise explained from err
     metrics_path = run_dir / "metrics.json"
     if not metrics_path.exists():
         raise MagnetError(f"distributed run finished without writing {metrics_path}")
     return json.loads(metrics_path.read_text())
+
+
+@contextmanager
+def _remove_dead_segments_after(run_dir: Path):
+    from magnet_dist.train.worker import remove_dead_server_segments
+
+    try:
+        yield
+    finally:
+        remove_dead_server_segments(run_dir, wait_s=10.0)
+
+
+def check_resume_checkpoint(cfg: Config, experiment: Path) -> None:
+    """Refuse, before Ray starts, the checkpoint Ray Train would resume this run from if it was
+    written under another config or is damaged (the workers would fail on it, and be retried
+    ``train.max_failures`` times). Reads Ray's checkpoint manager snapshot of the run; a
+    snapshot it cannot read is left to Ray."""
+    import zipfile
+
+    from magnet_dist.train.checkpoint import load_checkpoint
+
+    snapshot = experiment / "checkpoint_manager_snapshot.json"
+    if not snapshot.is_file():
+        return
+    try:
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
+        name = latest["checkpoint_dir_name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    directory = experiment / name
+    if not (directory / "dense.pt").is_file():
+        raise MagnetError(
+            f"run {cfg.train.run_name!r} would resume from checkpoint {directory}, which is "
+            f"missing or incomplete (no dense.pt); delete {experiment} to start over, or use "
+            "another train.run_name / train.storage_path"
+        )
+    try:
+        load_checkpoint(directory / "dense.pt", cfg)
+    except MagnetError as err:
+        raise MagnetError(f"cannot resume run {cfg.train.run_name!r}: {err}") from None
+    for path in sorted(directory.iterdir()):
+        if path.name == "dense.pt" or not path.is_file() or ".pt" not in path.name:
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:  # torch.save files: CRC of every record
+                bad = archive.testzip()
+        except (zipfile.BadZipFile, OSError) as err:
+            bad = str(err)
+        if bad is not None:
+            raise MagnetError(
+                f"cannot resume run {cfg.train.run_name!r}: checkpoint file {path} is damaged "
+                f"({bad}); delete {directory.parent} to start over"
+            )
+
+
+def explain_failure(error: BaseException, failure_log: Path, since: float) -> BaseException:
+    """The error to raise for a failed ``trainer.fit()``: a MagnetError a worker raised (bad
+    input found inside a worker), else the last cause a worker recorded before it had to end
+    itself (a dead graph server, an RPC timeout), else Ray's error."""
+    for exc in (getattr(error, "worker_failures", None) or {}).values():
+        cause = getattr(exc, "_base_exc", exc)
+        while cause is not None and not isinstance(cause, MagnetError):
+            cause = cause.__cause__
+        if isinstance(cause, MagnetError):
+            return cause
+    notes = []
+    if failure_log.is_file():
+        for line in failure_log.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if (
+                isinstance(entry, dict)
+                and entry.get("kind", "fault") == "fault"
+                and entry.get("time", 0) >= since
+            ):
+                notes.append(str(entry.get("message")))
+    if notes:
+        return MagnetError(
+            f"distributed training failed: {notes[-1]}\n(Ray Train: {str(error).splitlines()[0]}; "
+            f"every cause recorded by the workers is in {failure_log})"
+        )
+    return error

@@ -47,11 +47,8 @@ class FullGraph:
         )
         n = ds.num_users + ds.num_items
         self.is_item = torch.arange(n) >= ds.num_users
-        self.feats = {}
-        for c in ds.modalities:
-            f = torch.zeros(n, ds.modalities[c])
-            f[ds.num_users :] = torch.from_numpy(np.array(ds.features(c)))
-            self.feats[c] = f
+        # item rows only (users have no content input; the encoder projects item rows only)
+        self.feats = {c: torch.from_numpy(np.array(ds.features(c))) for c in ds.modalities}
         self.layers = cfg.model.layers
 
     @property
@@ -96,12 +93,14 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Train, select on validation Recall@20, test the best model, write the run folder."""
     from magnet_dist.graph.content import read_content_edges
 
+    # inputs first (checksums of manifest.json: a damaged Parquet file fails here), so a bad
+    # input leaves no run folder behind
+    ds = load_dataset(cfg.data.path, verify_checksum=True)
+    edges = read_content_edges(cfg.data.path) if cfg.model.content_view else None
+    graph = FullGraph(ds, cfg, edges)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     write_config(run_dir, cfg)
-    ds = load_dataset(cfg.data.path)
-    edges = read_content_edges(cfg.data.path) if cfg.model.content_view else None
-    graph = FullGraph(ds, cfg, edges)
     model = build_model(cfg, ds)
     emb = init_id_embeddings(ds.num_users + ds.num_items, cfg.model.dim, cfg.train.seed)
     groups = parameter_groups(model, cfg.moe.weight_decay)

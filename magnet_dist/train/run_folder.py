@@ -41,7 +41,15 @@ class StepLog:
         if not rows:
             return
         self._fields = list(rows[0].keys())
-        kept = [r for r in rows if int(r["step"]) <= step]
+        # a killed writer can leave a partial last row (fields missing): drop it with the rest
+        kept = [
+            r
+            for r in rows
+            if None not in r.values()
+            and None not in r
+            and str(r["step"]).isdigit()
+            and int(r["step"]) <= step
+        ]
         with self.path.open("w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=self._fields)
             w.writeheader()

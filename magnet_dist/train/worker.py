@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -22,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from magnet_dist.config import Config
+from magnet_dist.errors import FAULT_LOG_ENV, MagnetError, record_fault
 from magnet_dist.eval.metrics import RankingSums
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 from magnet_dist.model.magnet import LossOutput, MagnetModel
@@ -34,8 +37,10 @@ from magnet_dist.train.common import (
     expert_table,
     finish_run,
     step_row,
+    truncate_evaluations,
 )
 from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomic
+from magnet_dist.train.worker_info import record_worker
 
 
 @dataclass
@@ -59,13 +64,15 @@ def sampled_loss(
     fanouts: list[int],
     state: ScheduleState,
     reduce_stats=None,
+    seed: int | None = None,
 ) -> LossOutput:
     """The loss of one batch on neighbour-sampled blocks (both views from one sampling pass).
 
-    ``neg`` is ``[B, n_neg]``; ids are the dataset's 0-based ids."""
+    ``neg`` is ``[B, n_neg]``; ids are the dataset's 0-based ids. ``seed``: the neighbour
+    sample is a pure function of it (see :func:`step_seed`)."""
     n = users.numel()
     items = torch.cat([pos, neg.reshape(-1)])
-    blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale)
+    blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale, seed=seed)
     emb = client.input_embeddings(blocks)
     reps = model.encode(blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out)
     user_out = blocks.user_rows
@@ -90,6 +97,13 @@ def epoch_plan(num_local: int, batch_size: int, world: int, seed: int, epoch: in
     steps = max(1, -(-int(counts) // per_worker))
     order = np.random.default_rng([seed, epoch, rank]).permutation(num_local)
     return np.array_split(order, steps)
+
+
+def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The random state of one training step of one worker (neighbour sampling, torch RNG):
+    a pure function of (seed, epoch, batch, rank), so a run is reproducible and a resumed run
+    draws what the uninterrupted one would have drawn."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank, 13]).generate_state(1)[0])
 
 
 def gather_items(item_reps: dict[str, torch.Tensor], world: int) -> dict[str, torch.Tensor]:
@@ -163,32 +177,39 @@ def mean_over_workers(values: list[float]) -> list[float]:
     return (t / dist.get_world_size()).tolist()
 
 
-def start_partition_server(cfg: Config, ctx: WorkerContext, part_config: Path, base_port: int):
+def start_partition_server(
+    cfg: Config, ctx: WorkerContext, part_config: Path, base_port: int, log_dir: Path | None = None
+):
     """The first worker of each partition starts that partition's graph server on its own node;
     every worker then writes the same ip_config (addresses all-gathered), so the same code runs
     on one host and on many."""
     import ray
 
-    from magnet_dist.graph.servers import start_servers, write_ip_config
+    from magnet_dist.graph.servers import free_base_port, start_servers, write_ip_config
 
     per_part = ctx.world // ctx.num_parts
     owner = ctx.rank % per_part == 0
     ip = ray.util.get_node_ip_address()
+    # base_port 0: every attempt (a restart after a failure, too) takes ports that are free
+    # now on the owner's node, so a restarted group never races the dead group's sockets, and
+    # its shared-memory names (tagged with the port) never meet the dead servers' segments
+    port = (base_port + ctx.part if base_port else free_base_port(ip)) if owner else None
     entries: list[Any] = [None] * ctx.world
-    dist.all_gather_object(entries, (ctx.part, ip) if owner else None)
-    hosts = {part: host for part, host in (e for e in entries if e is not None)}
+    dist.all_gather_object(entries, (ctx.part, ip, port) if owner else None)
+    addrs = {part: (host, port) for part, host, port in (e for e in entries if e is not None)}
     workdir = Path(tempfile.mkdtemp(prefix=f"magnet-worker{ctx.rank}-"))
-    ip_config = write_ip_config(
-        workdir / "ip_config.txt", [(hosts[p], base_port + p) for p in range(ctx.num_parts)]
-    )
+    ip_config = write_ip_config(workdir / "ip_config.txt", [addrs[p] for p in range(ctx.num_parts)])
     group = None
     if owner:
+        # the log outlives the worker (a dead server's log is named in the run's error)
+        log_root = Path(log_dir) if log_dir is not None else workdir
+        log_root.mkdir(parents=True, exist_ok=True)
         group = start_servers(
             part_config,
             parts=[ctx.part],
             num_clients=ctx.world,
             ip_config=ip_config,
-            log_dir=workdir,
+            log_dir=tempfile.mkdtemp(prefix=f"graph-server-p{ctx.part}-", dir=log_root),
             timeout_s=cfg.trainer.server_timeout_s,
         )
     dist.barrier()
@@ -253,6 +274,81 @@ def export_best(run_dir: Path, cfg: Config, model, client, ctx: WorkerContext, e
     )
 
 
+FAILURE_LOG = "failures.log"  # in the run folder: why a worker had to end itself
+SERVER_DIED_EXIT = 71
+FAULT_SETTLE_S = 5.0
+
+
+class FaultHooks:
+    """Faults injected on purpose, for the fault-tolerance tests (no effect unless set).
+
+    Read from ``MAGNET_FAULT_*`` variables (the driver forwards its own to the workers); a
+    value is ``STEP`` or ``STEP@WHO`` (WHO: a rank, or for the server hook a partition;
+    default 0):
+
+    - ``MAGNET_FAULT_KILL_AT_STEP``: that rank SIGKILLs itself right after training step STEP
+      (before a checkpoint of that step);
+    - ``MAGNET_FAULT_KILL_IN_CHECKPOINT``: that rank SIGKILLs itself while the checkpoint of
+      step STEP is being written (its files are on disk, ``ray.train.report`` has not
+      registered it);
+    - ``MAGNET_FAULT_KILL_SERVER_AT_STEP``: the worker that started that partition's graph
+      server SIGKILLs the server after step STEP.
+
+    ``MAGNET_FAULT_MARKER=PATH``: a hook fires only if ``PATH.<hook>`` does not exist, and
+    creates it first, so the restarted workers run on undisturbed.
+    """
+
+    def __init__(self, env: dict[str, str], rank: int, part: int) -> None:
+        self.env = {k: v for k, v in env.items() if k.startswith("MAGNET_FAULT_")}
+        self.rank, self.part = rank, part
+
+    def _due(self, hook: str, step: int, mine: int) -> bool:
+        value = self.env.get(f"MAGNET_FAULT_{hook}")
+        if not value:
+            return False
+        at, _, who = value.partition("@")
+        if int(at) != step or int(who or 0) != mine:
+            return False
+        marker = self.env.get("MAGNET_FAULT_MARKER")
+        if marker:
+            try:
+                os.close(os.open(f"{marker}.{hook.lower()}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return False
+        return True
+
+    def _kill_self(self, what: str) -> None:
+        # Ray Train's controller collects reports by polling the workers (every 2 s); a report
+        # still queued in a worker that dies is lost, and the group resumes from an older
+        # checkpoint (still exact, but not the one a test means): let the last one land first
+        time.sleep(FAULT_SETTLE_S)
+        print(f"[fault] rank {self.rank}: SIGKILL to myself {what}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def after_step(self, step: int, servers) -> None:
+        if self._due("KILL_AT_STEP", step, self.rank):
+            self._kill_self(f"after step {step}")
+        if servers is not None and self._due("KILL_SERVER_AT_STEP", step, self.part):
+            for pid in servers.pids.values():
+                print(f"[fault] SIGKILL to graph server PID {pid} after step {step}", flush=True)
+                os.kill(pid, signal.SIGKILL)
+
+    def in_checkpoint(self, step: int) -> None:
+        if self._due("KILL_IN_CHECKPOINT", step, self.rank):
+            self._kill_self(f"while writing the checkpoint of step {step}")
+
+
+def _exit_on_server_death(part: int, code: int, message: str) -> None:
+    """A graph server of this worker died mid-run: every client would block in DGL's RPC
+    (a thread inside DGL's C++ cannot be interrupted), so end the worker now with the cause on
+    record; Ray Train then fails the run, or restarts it from the last checkpoint
+    (``train.max_failures``) with fresh servers."""
+    text = f"magnet_dist: {message}"
+    print(text, file=sys.stderr, flush=True)
+    record_fault(text)
+    os._exit(SERVER_DIED_EXIT)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: set up, for each epoch: for each batch: step; evaluate; report."""
     import ray.train
@@ -276,10 +372,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
     torch.manual_seed(cfg.train.seed)
     progress = bool(config.get("progress")) and rank == 0
+    os.environ[FAULT_LOG_ENV] = str(run_dir / FAILURE_LOG)
+    faults = FaultHooks({**os.environ, **config.get("faults", {})}, rank, ctx.part)
 
+    # servers of this rank's previous worker group (a restart) that Ray SIGKILLed
+    remove_dead_server_segments(run_dir, ranks=[rank])
     servers, ip_config, workdir = start_partition_server(
-        cfg, ctx, Path(config["part_config"]), int(config["base_port"])
+        cfg, ctx, Path(config["part_config"]), int(config["base_port"]), run_dir / "logs"
     )
+    if servers is not None:
+        servers.watch(_exit_on_server_death)
+    record_worker(run_dir, rank, world, ctx.part, servers)
     client = connect(
         config["part_config"],
         ip_config,
@@ -310,12 +413,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         tu, ti = ds.pairs(0)
         sampler = NegativeSampler(tu, ti, ds.num_items)
         users_local, items_local = client.train_edges(rank)
-        evaluators = {
-            "valid": SplitEvaluator(ds, 1, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk),
-            "test": SplitEvaluator(ds, 2, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk),
-        }
+        evaluators = (
+            {
+                "valid": SplitEvaluator(
+                    ds, 1, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk
+                ),
+                "test": SplitEvaluator(
+                    ds, 2, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk
+                ),
+            }
+            if cfg.eval.in_loop
+            else {}
+        )
         stopper = EarlyStopping(cfg.train.patience)
-        state, step, start_epoch, best_metrics = ScheduleState(), 0, 0, {}
+        state, step, start_epoch, start_batch, best_metrics = ScheduleState(), 0, 0, 0, {}
         log = StepLog(run_dir, enabled=rank == 0)
         if rank == 0:
             write_config(run_dir, cfg)
@@ -330,11 +441,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ck = load_worker_checkpoint(Path(ck_dir), ctx, model, client, opts, emb_opt, cfg)
             state = ScheduleState.from_dict(ck["schedule"])
             stopper.load_state_dict(ck["early_stopping"])
-            step, start_epoch, best_metrics = ck["step"], ck["epoch"] + 1, ck["best_metrics"]
+            step, best_metrics = ck["step"], ck["best_metrics"]
+            if ck.get("batch") is None:  # written after the epoch's evaluation
+                start_epoch = ck["epoch"] + 1
+            else:  # written inside the epoch: the epoch goes on at that batch
+                start_epoch, start_batch = ck["epoch"], int(ck["batch"])
+            if stopper.should_stop:
+                start_epoch = cfg.train.epochs
             log.resume_at(step)
             if rank == 0:
-                print(f"[distributed] resumed at epoch {start_epoch}, step {step}")
+                truncate_evaluations(run_dir, step)
+                message = f"resumed at epoch {start_epoch}, batch {start_batch}, step {step}"
+                print(f"[distributed] {message}", flush=True)
+                record_fault(message, kind="resume")
 
+        def report_checkpoint(metrics: dict, extra: dict, name: str) -> None:
+            log.flush()  # every step up to this one is in metrics.csv before it is registered
+            with tempfile.TemporaryDirectory() as tmp:
+                save_worker_checkpoint(Path(tmp), ctx, model, client, opts, emb_opt, extra, cfg)
+                faults.in_checkpoint(step)
+                ray.train.report(
+                    metrics,
+                    checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                    checkpoint_dir_name=name,
+                )
+
+        every_steps = cfg.train.checkpoint_every_steps
         t0, pairs, step_seconds = time.time(), 0, 0.0
         for epoch in range(start_epoch, cfg.train.epochs):
             plan = epoch_plan(
@@ -342,13 +474,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             if cfg.train.max_steps_per_epoch:
                 plan = plan[: cfg.train.max_steps_per_epoch]
-            bar = _bar(len(plan), f"epoch {epoch}", progress)
-            for b, idx in enumerate(plan):
+            last = epoch + 1 == cfg.train.epochs
+            epoch_checkpoint = (epoch + 1) % cfg.train.checkpoint_every == 0 or last
+            first = start_batch if epoch == start_epoch else 0
+            bar = _bar(len(plan) - first, f"epoch {epoch}", progress)
+            for b in range(first, len(plan)):
+                idx = plan[b]
                 t_step = time.perf_counter()
                 u, p = users_local[idx], items_local[idx]
                 neg = sampler.sample(
                     u.numpy(), cfg.train.n_neg, batch_rng(cfg.train.seed, epoch, b * world + rank)
                 )
+                seed = step_seed(cfg.train.seed, epoch, b, rank)
+                torch.manual_seed(seed)
                 for opt in opts.values():
                     opt.zero_grad(set_to_none=True)
                 out = sampled_loss(
@@ -360,6 +498,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     cfg.train.fanouts,
                     state,
                     stats_all_reduce() if model.moe is not None else None,
+                    seed=seed,
                 )
                 out.loss.backward()
                 allreduce_gradients(model)
@@ -377,12 +516,34 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 log.log(row)
                 if bar is not None:
                     bar.update(1)
+                faults.after_step(step, servers)
+                end_of_epoch = b + 1 == len(plan)
+                if (
+                    every_steps
+                    and step % every_steps == 0
+                    and not (end_of_epoch and epoch_checkpoint)
+                ):
+                    report_checkpoint(
+                        {"epoch": epoch, "step": step},
+                        {
+                            "schedule": state.to_dict(),
+                            "early_stopping": stopper.state_dict(),
+                            "step": step,
+                            "epoch": epoch,
+                            "batch": b + 1,  # the next batch of this epoch's plan
+                            "best_metrics": best_metrics,
+                        },
+                        f"step-{step:08d}",
+                    )
             if bar is not None:
                 bar.close()
             log.flush()
             metrics: dict[str, float] = {"epoch": epoch, "step": step}
-            last = epoch + 1 == cfg.train.epochs
-            if (epoch + 1) % cfg.train.eval_every == 0 or last:
+            if not cfg.eval.in_loop:
+                if last:  # no ranking in the loop: the final model is the exported one
+                    stopper.best_epoch = epoch
+                    export_best(run_dir, cfg, model, client, ctx, epoch)
+            elif (epoch + 1) % cfg.train.eval_every == 0 or last:
                 evals = evaluate_sharded(model, cfg, client, ctx, evaluators)
                 metrics.update(evals)
                 if rank == 0:
@@ -407,16 +568,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "early_stopping": stopper.state_dict(),
                 "step": step,
                 "epoch": epoch,
+                "batch": None,  # the epoch is complete, evaluation included
                 "best_metrics": best_metrics,
             }
-            if (epoch + 1) % cfg.train.checkpoint_every == 0 or last or stopper.should_stop:
-                with tempfile.TemporaryDirectory() as tmp:
-                    save_worker_checkpoint(Path(tmp), ctx, model, client, opts, emb_opt, extra, cfg)
-                    ray.train.report(
-                        metrics,
-                        checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                        checkpoint_dir_name=f"epoch-{epoch:05d}",
-                    )
+            if epoch_checkpoint or stopper.should_stop:
+                report_checkpoint(metrics, extra, f"epoch-{epoch:05d}")
             else:
                 ray.train.report(metrics)
             if stopper.should_stop:
@@ -443,12 +599,93 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "ep_size": cfg.moe.ep_size,
             }
             finish_run(run_dir, final)
+    except Exception as err:
+        message = _dead_server_message(servers)
+        if message is not None:  # the cause, rather than the RPC error it led to
+            record_fault(message)
+            raise MagnetError(message) from err
+        raise
     finally:
-        client.close()
+        if servers is not None:
+            servers.unwatch()  # from here on the servers exit on purpose
+        if _dead_server_message(servers) is None:
+            client.close()
+        else:  # exit_client would wait for the dead server until the watchdog fires
+            client.abandon()
         if servers is not None:
             servers.wait(cfg.trainer.server_timeout_s)
             servers.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def remove_dead_server_segments(run_dir: Path, ranks=None, wait_s: float = 0.0) -> list[str]:
+    """Remove the /dev/shm segments of this host's graph servers recorded in
+    ``<run_dir>/workers/`` (the last worker group) that are no longer running.
+
+    A server cleans its segments when it exits on its own or sees its worker gone, but Ray
+    SIGKILLs a worker's child processes when it tears a worker group down after a failure, and
+    a SIGKILLed server leaves them behind. Called by each worker before it records a restarted
+    group (``ranks``: its own rank) and by the driver after ``fit()``. ``wait_s``: how long to
+    wait for recorded servers to exit first. Returns the tags removed."""
+    import socket
+
+    import psutil
+
+    from magnet_dist.graph._dgl_patches import shm_tag
+    from magnet_dist.graph.servers import _remove_shm_segments
+    from magnet_dist.train.worker_info import read_workers
+
+    try:
+        workers = read_workers(run_dir)
+    except (OSError, ValueError):
+        return []
+    here = socket.gethostname()
+    servers = [
+        s
+        for w in workers
+        if w.get("hostname") == here and (ranks is None or w.get("rank") in ranks)
+        for s in w.get("graph_servers", [])
+    ]
+
+    def running(pid: int) -> bool:
+        try:
+            proc = psutil.Process(pid)
+            return proc.status() != psutil.STATUS_ZOMBIE and any(
+                "magnet_dist.graph.servers" in part for part in proc.cmdline()
+            )
+        except psutil.Error:
+            return False
+
+    deadline = time.monotonic() + wait_s
+    while any(running(s["pid"]) for s in servers) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    try:
+        listening = {
+            c.laddr.port for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN
+        }
+    except psutil.Error:
+        return []  # cannot tell whether a port has a new owner: leave everything
+    removed = []
+    for s in servers:
+        if running(s["pid"]) or s["port"] in listening:
+            continue
+        tag = shm_tag(s["part"], s["port"])
+        _remove_shm_segments(tag)
+        removed.append(tag)
+    return removed
+
+
+def _dead_server_message(servers) -> str | None:
+    if servers is None:
+        return None
+    for part, alive in servers.alive().items():
+        if not alive:
+            return (
+                f"graph server of partition {part} exited with status "
+                f"{servers.procs[part].returncode} during training; its log "
+                f"{servers.logs.get(part)} ends with:\n{servers.log_tail(part)}"
+            )
+    return None
 
 
 def build_dense_moe_for_table(cfg: Config, model: MagnetModel):

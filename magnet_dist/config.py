@@ -77,9 +77,11 @@ class MoEConfig(_Section):
     capacity_factor: float | None = None  # None: never drop (capacity = max load)
     ep_size: int = Field(1, ge=1)  # expert-parallel degree
     router_noise: float = Field(0.0, ge=0)  # logit noise std in the coverage stage
-    # RMS-normalise each z_m per token: "router" (the router's input only: confident routing is
-    # reachable although embedding products are tiny), "all" (experts' inputs too), "none".
-    token_norm: Literal["none", "router", "all"] = "router"
+    # RMS-normalise each z_m per token: "router" (the router's input only), "all" (experts'
+    # inputs too), "none". Measured on MovieLens-100K (valid Recall@20 at epoch 21): none 0.336,
+    # router 0.280 (routing specialises, H_conf 0.95 -> 0.80, but the head overfits), all peaks
+    # at 0.280 by epoch 3; LightGCN 0.307. With "none" routing stays near uniform.
+    token_norm: Literal["none", "router", "all"] = "none"
     dropout: float = Field(0.0, ge=0, lt=1)  # on each expert's hidden layer (training only)
     weight_decay: float = Field(0.0, ge=0)  # L2 on router, experts and read-out (Adam)
     detach_token: bool = False  # MoE gradients do not flow back into the encoder

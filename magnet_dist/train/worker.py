@@ -27,7 +27,7 @@ from magnet_dist.config import Config
 from magnet_dist.errors import FAULT_LOG_ENV, MagnetError, record_fault
 from magnet_dist.eval.metrics import RankingSums
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
-from magnet_dist.model.magnet import LossOutput, MagnetModel
+from magnet_dist.model.magnet import LossOutput, MagnetModel, parameter_groups
 from magnet_dist.model.schedule import ScheduleState, advance
 from magnet_dist.train.batches import NegativeSampler, batch_rng
 from magnet_dist.train.common import (
@@ -197,13 +197,14 @@ def start_partition_server(
     entries: list[Any] = [None] * ctx.world
     dist.all_gather_object(entries, (ctx.part, ip, port) if owner else None)
     addrs = {part: (host, port) for part, host, port in (e for e in entries if e is not None)}
-    workdir = Path(tempfile.mkdtemp(prefix=f"magnet-worker{ctx.rank}-"))
+    if log_dir is not None:  # in the run folder: a killed worker leaves nothing in /tmp
+        Path(log_dir).mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix=f"magnet-worker{ctx.rank}-", dir=log_dir))
     ip_config = write_ip_config(workdir / "ip_config.txt", [addrs[p] for p in range(ctx.num_parts)])
     group = None
     if owner:
         # the log outlives the worker (a dead server's log is named in the run's error)
         log_root = Path(log_dir) if log_dir is not None else workdir
-        log_root.mkdir(parents=True, exist_ok=True)
         group = start_servers(
             part_config,
             parts=[ctx.part],
@@ -406,9 +407,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         client.init_embeddings(cfg.model.dim, init="xavier", seed=cfg.train.seed)
         emb_opt = client.sparse_optimizer(cfg.train.lr)
         dense_params, expert_params = split_parameters(model)
-        opts = {"dense": torch.optim.Adam(dense_params, lr=cfg.train.lr)}
+        expert_ids = {id(p) for p in expert_params}
+        dense_groups = [
+            {**g, "params": [p for p in g["params"] if id(p) not in expert_ids]}
+            for g in parameter_groups(model, cfg.moe.weight_decay)
+        ]
+        opts = {"dense": torch.optim.Adam(dense_groups, lr=cfg.train.lr)}
         if expert_params:
-            opts["expert"] = torch.optim.Adam(expert_params, lr=cfg.train.lr)
+            opts["expert"] = torch.optim.Adam(
+                expert_params, lr=cfg.train.lr, weight_decay=cfg.moe.weight_decay
+            )
 
         tu, ti = ds.pairs(0)
         sampler = NegativeSampler(tu, ti, ds.num_items)

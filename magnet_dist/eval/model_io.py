@@ -208,3 +208,18 @@ def retrieve_for(
         seed=loaded.cfg.train.seed,
         progress=progress,
     )
+
+
+def add_ranking_arguments(parser, candidates_help: str) -> None:
+    """--data / --mode / --candidates, shared by ``evaluate`` and ``recommend``."""
+    parser.add_argument(
+        "--data", default=None, help="dataset folder (None: data.path of the run's config)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=MODES,
+        default="auto",
+        help="exact full ranking, or two-stage retrieve-then-rerank; auto: two-stage above "
+        "eval.two_stage_above_items items",
+    )
+    parser.add_argument("--candidates", type=int, default=None, help=candidates_help)

@@ -23,7 +23,13 @@ import torch
 from tqdm import tqdm
 
 from magnet_dist.errors import MagnetError
-from magnet_dist.eval.model_io import MODES, LoadedRun, candidate_score_fn, load_run, retrieve_for
+from magnet_dist.eval.model_io import (
+    LoadedRun,
+    add_ranking_arguments,
+    candidate_score_fn,
+    load_run,
+    retrieve_for,
+)
 
 MAX_K = np.iinfo(np.int16).max
 SCHEMA = pa.schema(
@@ -55,21 +61,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write and read user/item ids of the source (the dataset's id maps)",
     )
-    parser.add_argument(
-        "--data", default=None, help="dataset folder (None: data.path of the run's config)"
-    )
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        default="auto",
-        help="exact full ranking, or two-stage retrieve-then-rerank; auto: two-stage above "
-        "eval.two_stage_above_items items",
-    )
-    parser.add_argument(
-        "--candidates",
-        type=int,
-        default=None,
-        help="two-stage: candidates retrieved per user (None: max(eval.candidates, K))",
+    add_ranking_arguments(
+        parser,
+        candidates_help="two-stage: candidates retrieved per user (None: max(eval.candidates, K))",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or summary")
 

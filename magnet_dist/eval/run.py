@@ -22,7 +22,13 @@ from typing import Any
 import numpy as np
 
 from magnet_dist.errors import MagnetError
-from magnet_dist.eval.model_io import MODES, LoadedRun, candidate_score_fn, load_run, retrieve_for
+from magnet_dist.eval.model_io import (
+    LoadedRun,
+    add_ranking_arguments,
+    candidate_score_fn,
+    load_run,
+    retrieve_for,
+)
 
 SPLITS = {"valid": 1, "test": 2}
 RETRIEVAL_RECALL_USERS = 1000  # users checked against exact retrieval when --sample-users unset
@@ -33,21 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--split", choices=["valid", "test", "both"], default="both", help="split(s) to evaluate"
     )
-    parser.add_argument(
-        "--data", default=None, help="dataset folder (None: data.path of the run's config)"
-    )
-    parser.add_argument(
-        "--mode",
-        choices=MODES,
-        default="auto",
-        help="exact full ranking, or two-stage retrieve-then-rerank; auto: two-stage above "
-        "eval.two_stage_above_items items",
-    )
-    parser.add_argument(
-        "--candidates",
-        type=int,
-        default=None,
-        help="two-stage: candidates N retrieved per user (None: eval.candidates of the run)",
+    add_ranking_arguments(
+        parser,
+        candidates_help="two-stage: candidates N retrieved per user (None: eval.candidates of the run)",
     )
     parser.add_argument(
         "--sample-users",

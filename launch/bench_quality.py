@@ -1,0 +1,448 @@
+"""Quality benchmark: MAGNET, its ablations and the LightGCN baseline, same budget, same seeds.
+
+Every variant is a config override of the one model (``magnet_dist/config.py``); every run is
+the single-process reference trainer (``trainer.mode=reference``) on the same prepared dataset
+and split (``data.seed`` fixed), one run per (variant, seed) with ``train.seed`` set per seed.
+Model selection / early stopping on validation Recall@20 (the trainer's rule); the table reports
+the test metrics of the selected model, mean ± sample std over seeds.
+
+Writes ``<out>/results.json`` and ``<out>/results.md`` after every run (so a killed benchmark
+keeps its partial results), and each run's folder under ``<out>/<variant>/seed<seed>``. A rerun
+with the same settings skips the runs already finished (a run folder whose config.yaml matches
+and that has metrics.json); a run folder left by different settings is started over.
+
+    OMP_NUM_THREADS=1 python launch/bench_quality.py --config configs/quickstart.yaml \\
+        --data /tmp/qbench/ml100k --seeds 3 --out runs/bench_quality
+    python launch/bench_quality.py --quick --variants magnet,lightgcn --seeds 1
+    python launch/bench_quality.py ... train.eval_every=2 train.patience=5  # passthrough
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# name -> config overrides of the one model (applied after the passthrough overrides)
+VARIANTS: dict[str, list[str]] = {
+    "magnet": [],
+    "no_content_view": ["model.content_view=false"],
+    "no_moe": ["model.use_moe=false"],
+    "free_experts": ["model.templates=false"],
+    "single_stage": ["routing.two_stage=false"],
+    "lightgcn": ["model.variant=lightgcn"],
+}
+BASELINE = "lightgcn"
+METRICS = ["test.recall@20", "test.ndcg@20", "test.recall@10", "test.ndcg@10", "valid.recall@20"]
+# --quick: a tiny budget for a smoke test (a few steps, the stage switch still happens)
+QUICK = [
+    "train.epochs=2",
+    "train.eval_every=1",
+    "train.patience=2",
+    "train.max_steps_per_epoch=4",
+    "routing.min_steps=2",
+    "routing.window=2",
+    "routing.max_steps=6",
+    "routing.ramp_steps=2",
+]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", default=None, help="YAML config (e.g. configs/quickstart.yaml)")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (train.seed+0..n-1)")
+    p.add_argument("--seed-base", type=int, default=None, help="first train.seed (default: config)")
+    p.add_argument("--epochs", type=int, default=None, help="train.epochs for every run")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {list(VARIANTS)}")
+    p.add_argument("--data", default=None, help="prepared dataset folder (data.path)")
+    p.add_argument("--out", default="runs/bench_quality", help="output folder")
+    p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
+    p.add_argument("--progress", action="store_true", help="per-epoch progress bars")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="dotted config overrides for every run"
+    )
+    args = p.parse_intermixed_args(argv)  # key=value overrides may sit between options
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        p.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+    if args.seeds < 1:
+        p.error("--seeds must be >= 1")
+    args.variant_list = names
+    return args
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """Budget and data for every run; the passthrough overrides come last (they win)."""
+    out = ["trainer.mode=reference"]
+    if args.data:
+        out.append(f"data.path={args.data}")
+    if args.quick:
+        out += QUICK
+    if args.epochs is not None:
+        out.append(f"train.epochs={args.epochs}")
+    return out + list(args.overrides)
+
+
+def run_config(args, variant: str, seed: int):
+    from magnet_dist.config import load_config
+
+    run_dir = Path(args.out) / variant / f"seed{seed}"
+    overrides = [
+        *common_overrides(args),
+        *VARIANTS[variant],
+        f"train.seed={seed}",
+        f"train.run_dir={run_dir}",
+        f"train.run_name=bench_quality-{variant}-seed{seed}",
+    ]
+    return load_config(args.config, overrides)
+
+
+def epochs_run(run_dir: Path) -> int | None:
+    """The last evaluated epoch + 1 (the loop evaluates on its final epoch, early stop or not)."""
+    path = run_dir / "evaluations.csv"
+    if not path.exists():
+        return None
+    lines = path.read_text().strip().splitlines()
+    if len(lines) < 2:
+        return None
+    header = lines[0].split(",")
+    return int(lines[-1].split(",")[header.index("epoch")]) + 1
+
+
+def routing_summary(run_dir: Path) -> dict[str, Any]:
+    """Expert usage (gate-mass share) over the last quarter of training, and final entropies."""
+    path = run_dir / "metrics.csv"
+    experts_path = run_dir / "experts.json"
+    if not path.exists() or not experts_path.exists():
+        return {}
+    import pandas as pd
+
+    from magnet_dist.train.plots import expert_usage, modality_reliance
+
+    steps = pd.read_csv(path)
+    table = json.loads(experts_path.read_text())
+    experts = table["experts"]
+    if "usage_0" not in steps:
+        return {}
+    usage = expert_usage(steps, len(experts))
+    tail = steps.iloc[int(len(steps) * 0.75) :]
+    reliance = modality_reliance(usage, experts, table["modalities"])
+    return {
+        "expert_usage": {
+            e["name"]: round(float(u), 4) for e, u in zip(experts, usage, strict=True)
+        },
+        "modality_reliance": {
+            m: round(float(r), 4) for m, r in zip(table["modalities"], reliance, strict=True)
+        },
+        "h_use_last": float(tail["h_use"].mean()),
+        "h_conf_last": float(tail["h_conf"].mean()),
+        "route_loss_last": float(tail["route"].mean()),
+        "bpr_last": float(tail["bpr"].mean()),
+    }
+
+
+def _effective(tree: dict[str, Any]) -> dict[str, Any]:
+    """The settings that can change a run: without the MoE head, ``moe.*`` and ``routing.*``
+    are unused, so they are left out of the comparison."""
+    tree = dict(tree)
+    model = tree.get("model") or {}
+    if model.get("variant") == "lightgcn" or model.get("use_moe") is False:
+        tree.pop("moe", None)
+        tree.pop("routing", None)
+    return tree
+
+
+def same_settings(run_dir: Path, cfg) -> bool:
+    """True if ``run_dir`` is absent or was written under the same effective settings. The old
+    config.yaml is re-read through the current schema, so keys added since (at their defaults)
+    still match, and a config the current code rejects does not."""
+    import yaml
+    from pydantic import ValidationError
+
+    from magnet_dist.config import Config
+
+    old = run_dir / "config.yaml"
+    if not old.exists():
+        return True
+    try:
+        old_cfg = Config.model_validate(_effective(yaml.safe_load(old.read_text()) or {}))
+    except (ValidationError, yaml.YAMLError, TypeError):
+        return False
+    return _effective(old_cfg.model_dump(mode="json")) == _effective(cfg.model_dump(mode="json"))
+
+
+def code_digest() -> str:
+    """sha256 (16 hex) of the magnet_dist sources, to tell which code produced a run."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent.parent / "magnet_dist"
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def run_one(args, variant: str, seed: int) -> dict[str, Any]:
+    from magnet_dist.errors import MagnetError
+    from magnet_dist.train.reference import train_reference
+    from magnet_dist.train.run_folder import write_json_atomic
+
+    cfg = run_config(args, variant, seed)
+    run_dir = cfg.run_dir
+    if not same_settings(run_dir, cfg):
+        # left by other settings (or older code): neither its metrics nor its checkpoint count
+        shutil.rmtree(run_dir)
+    done = run_dir / "metrics.json"
+    reused = done.exists()
+    t0 = time.time()
+    if reused:
+        metrics = json.loads(done.read_text())
+    else:
+        try:
+            metrics = train_reference(cfg, progress=args.progress)
+        except MagnetError as err:
+            if not (run_dir / "checkpoints").exists() or "checkpoint" not in str(err):
+                raise
+            print(f"[bench] cannot resume {run_dir} ({err}); starting it over", flush=True)
+            shutil.rmtree(run_dir)
+            t0 = time.time()
+            metrics = train_reference(cfg, progress=args.progress)
+    wall = time.time() - t0
+    info_path = run_dir / "bench_run.json"
+    if reused:
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    else:
+        info = {"wall_seconds": wall, "code": args.code, "finished_at": time.time()}
+        write_json_atomic(info_path, info)
+    row = {
+        "variant": variant,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        **{k: float(metrics[k]) for k in METRICS if k in metrics},
+        "best_epoch": int(metrics["best_epoch"]) + 1,  # 1-based, like epochs_run
+        "epochs_run": epochs_run(run_dir),
+        "epochs_budget": cfg.train.epochs,
+        "steps": metrics.get("steps"),
+        "train_seconds": float(metrics["train_seconds"]),
+        "wall_seconds": info.get("wall_seconds"),
+        "reused": reused,
+        "code": info.get("code"),
+        "switch_step": metrics.get("switch_step"),
+        "switch_forced": metrics.get("switch_forced"),
+        "fusion_lambda": metrics.get("fusion_lambda"),
+    }
+    if cfg.model.use_moe:
+        row.update(routing_summary(run_dir))
+    return row
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def summarise(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for v in variants:
+        rs = [r for r in rows if r["variant"] == v]
+        if not rs:
+            continue
+        s: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
+        for key in [*METRICS, "best_epoch", "epochs_run", "train_seconds"]:
+            vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            mean, std = mean_std(vals)
+            s[key] = {"mean": mean, "std": std}
+        out[v] = s
+    return out
+
+
+def comparison(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
+    """MAGNET vs the baseline on test Recall@20 / NDCG@20: gain of the means, the seed spread
+    (max of the two sample stds), and the paired per-seed gains."""
+    if "magnet" not in summary or BASELINE not in summary:
+        return None
+    out: dict[str, Any] = {
+        "criterion": "mean(magnet) - mean(lightgcn) > max(std(magnet), std(lightgcn))"
+    }
+    by_seed = {(r["variant"], r["seed"]): r for r in rows}
+    seeds = [s for s in summary["magnet"]["seeds"] if (BASELINE, s) in by_seed]
+    for key in ["test.recall@20", "test.ndcg@20"]:
+        a, b = summary["magnet"][key], summary[BASELINE][key]
+        gain = a["mean"] - b["mean"]
+        spread = max(a["std"], b["std"])
+        paired = [by_seed[("magnet", s)][key] - by_seed[(BASELINE, s)][key] for s in seeds]
+        pm, ps = mean_std(paired)
+        out[key] = {
+            "gain": gain,
+            "relative_gain": gain / b["mean"] if b["mean"] else math.nan,
+            "spread": spread,
+            "beats": bool(gain > spread),
+            "paired_gains": paired,
+            "paired_gain_mean": pm,
+            "paired_gain_std": ps,
+        }
+    out["beats_both"] = all(out[k]["beats"] for k in ["test.recall@20", "test.ndcg@20"])
+    return out
+
+
+def _pm(s: dict[str, float], digits: int = 4) -> str:
+    if s is None or math.isnan(s["mean"]):
+        return "-"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    summary, rows = result["summary"], result["rows"]
+    budget = result["budget"]
+    lines = [
+        f"Dataset `{result['data_path']}`, {budget['epochs']} epochs max, eval every "
+        f"{budget['eval_every']}, patience {budget['patience']}, seeds "
+        f"{result['seeds']} (train.seed; split seed {result['data_seed']} fixed). "
+        "Test metrics of the model selected on valid Recall@20, mean ± std over seeds.",
+        "",
+        "| variant | Recall@20 | NDCG@20 | Recall@10 | NDCG@10 | epochs (best / run) | "
+        "wall s / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for v, s in summary.items():
+        ep = f"{s['best_epoch']['mean']:.1f} / {s['epochs_run']['mean']:.1f}"
+        walls = [r["wall_seconds"] for r in rows if r["variant"] == v and r["wall_seconds"]]
+        wall = f"{sum(walls) / len(walls):.0f}" if walls else "-"
+        n = len(s["seeds"])
+        name = v if n == len(result["seeds"]) else f"{v} ({n} seeds)"
+        lines.append(
+            f"| {name} | {_pm(s['test.recall@20'])} | {_pm(s['test.ndcg@20'])} | "
+            f"{_pm(s['test.recall@10'])} | {_pm(s['test.ndcg@10'])} | {ep} | {wall} |"
+        )
+    cmp_ = result.get("comparison")
+    if cmp_:
+        lines.append("")
+        for key in ["test.recall@20", "test.ndcg@20"]:
+            c = cmp_[key]
+            lines.append(
+                f"- MAGNET vs LightGCN {key}: gain {c['gain']:+.4f} "
+                f"({100 * c['relative_gain']:+.1f}%), seed spread {c['spread']:.4f}, paired "
+                f"gain {c['paired_gain_mean']:+.4f} ± {c['paired_gain_std']:.4f} -> "
+                f"{'beats' if c['beats'] else 'does NOT beat'} the baseline by more than the "
+                "spread"
+            )
+    diag = [
+        r
+        for r in rows
+        if r.get("switch_step") is not None or any((r.get("fusion_lambda") or {}).values())
+    ]
+    if diag:
+        lines += [
+            "",
+            "| run | switch step (forced) | fusion λ | H_use / H_conf (last 25%) |",
+            "|---|---|---|---|",
+        ]
+        for r in diag:
+            lam = r.get("fusion_lambda") or {}
+            lam_s = ", ".join(f"{m[:4]} {x:.2f}" for m, x in lam.items()) or "-"
+            sw = r.get("switch_step")
+            sw_s = "-" if sw is None else f"{sw}{' (forced)' if r.get('switch_forced') else ''}"
+            ent = f"{r['h_use_last']:.3f} / {r['h_conf_last']:.3f}" if "h_use_last" in r else "-"
+            lines.append(f"| {r['variant']} s{r['seed']} | {sw_s} | {lam_s} | {ent} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_results(out: Path, result: dict[str, Any]) -> None:
+    from magnet_dist.train.run_folder import write_json_atomic
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", result)
+    tmp = out / "results.md.tmp"
+    tmp.write_text(markdown(result))
+    os.replace(tmp, out / "results.md")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    args.code = code_digest()
+    from magnet_dist.config import load_config
+    from magnet_dist.train.pipeline import ensure_stages
+
+    # The dataset and content edges once, before any run (content edges as MAGNET needs them).
+    base = load_config(args.config, [*common_overrides(args), "train.run_dir=unused"])
+    ensure_stages(base, quiet=True)
+    seed0 = args.seed_base if args.seed_base is not None else base.train.seed
+    seeds = [seed0 + i for i in range(args.seeds)]
+    out = Path(args.out)
+    content_report = Path(base.data.path) / "content_edges.json"
+    result: dict[str, Any] = {
+        "config": args.config,
+        "data_path": str(base.data.path),
+        "data_seed": base.data.seed,
+        "seeds": seeds,
+        "variants": args.variant_list,
+        "variant_overrides": {v: VARIANTS[v] for v in args.variant_list},
+        "common_overrides": common_overrides(args),
+        "budget": {
+            "epochs": base.train.epochs,
+            "eval_every": base.train.eval_every,
+            "patience": base.train.patience,
+            "max_steps_per_epoch": base.train.max_steps_per_epoch,
+        },
+        "content_edges": json.loads(content_report.read_text())
+        if content_report.exists()
+        else None,
+        "code": args.code,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "cpus": os.cpu_count(),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        },
+        "rows": [],
+        "summary": {},
+        "comparison": None,
+        "finished": False,
+    }
+    t_start = time.time()
+    plan = [(v, s) for s in seeds for v in args.variant_list]  # seed-major: early full picture
+    for n, (variant, seed) in enumerate(plan, 1):
+        print(f"[bench] {n}/{len(plan)} {variant} seed={seed} ...", flush=True)
+        row = run_one(args, variant, seed)
+        result["rows"].append(row)
+        result["summary"] = summarise(result["rows"], args.variant_list)
+        result["comparison"] = comparison(result["rows"], result["summary"])
+        result["elapsed_seconds"] = time.time() - t_start
+        write_results(out, result)
+        wall = "reused" if row["reused"] else f"{row['wall_seconds']:.0f} s"
+        if row["reused"] and row["code"] not in (None, args.code):
+            wall += ", older code"
+        print(
+            f"[bench] {n}/{len(plan)} {variant} seed={seed} done ({wall}): "
+            f"test R@20 {row['test.recall@20']:.4f} N@20 {row['test.ndcg@20']:.4f} "
+            f"valid R@20 {row['valid.recall@20']:.4f} best epoch {row['best_epoch']}/"
+            f"{row['epochs_run']} switch {row['switch_step']} "
+            f"[elapsed {result['elapsed_seconds'] / 60:.1f} min]",
+            flush=True,
+        )
+    result["finished"] = True
+    result["elapsed_seconds"] = time.time() - t_start
+    write_results(out, result)
+    print(markdown(result))
+    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

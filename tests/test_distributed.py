@@ -125,3 +125,30 @@ def test_more_partitions_than_workers_is_refused():
     cfg = load_config(overrides=["train.workers=2", "graph.partitions=3"])
     with pytest.raises(MagnetError, match="train.workers=2 does not fit graph.partitions=3"):
         check_layout(cfg)
+
+
+def test_expert_parallel_two_workers_end_to_end(tiny_dataset, tmp_path):
+    """E = 18 experts sharded 9 + 9 over 2 Ray workers (DeepSpeed MoE all-to-all, gloo)."""
+    run = tmp_path / "ep"
+    cfg = load_config(
+        overrides=[
+            f"data.path={tiny_dataset}",
+            f"train.run_dir={run}",
+            "trainer.mode=distributed",
+            "train.workers=2",
+            "train.epochs=1",
+            "train.batch_size=512",
+            "model.dim=16",
+            "moe.experts_per_template=2",
+            "moe.ep_size=2",
+            "graph.partition_method=random",
+        ]
+    )
+    metrics = train_distributed(cfg, progress=False)
+    assert metrics["ep_size"] == 2 and metrics["test.recall@20"] > 0.2
+    experts = json.loads((run / "experts.json").read_text())["experts"]
+    assert len(experts) == 18
+    rows = read_steps(run)
+    assert all(float(r["load_17"]) >= 0 for r in rows)  # stats cover every global expert
+    shards = sorted(p.name for p in (run / "ray").rglob("experts-ep*-of-002.pt"))
+    assert {"experts-ep000-of-002.pt", "experts-ep001-of-002.pt"} <= set(shards)

@@ -9,7 +9,9 @@ the test metrics of the selected model, mean ± sample std over seeds.
 Writes ``<out>/results.json`` and ``<out>/results.md`` after every run (so a killed benchmark
 keeps its partial results), and each run's folder under ``<out>/<variant>/seed<seed>``. A rerun
 with the same settings skips the runs already finished (a run folder whose config.yaml matches
-and that has metrics.json); a run folder left by different settings is started over.
+and that has metrics.json; ``moe.*``/``routing.*`` are ignored for variants without the MoE head,
+which never read them); a run folder left by different settings is started over. results.json
+records a digest of the magnet_dist sources, and each row the digest its run was trained with.
 
     OMP_NUM_THREADS=1 python launch/bench_quality.py --config configs/quickstart.yaml \\
         --data /tmp/qbench/ml100k --seeds 3 --out runs/bench_quality
@@ -281,6 +283,7 @@ def comparison(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str,
     }
     by_seed = {(r["variant"], r["seed"]): r for r in rows}
     seeds = [s for s in summary["magnet"]["seeds"] if (BASELINE, s) in by_seed]
+    n_a, n_b = len(summary["magnet"]["seeds"]), len(summary[BASELINE]["seeds"])
     for key in ["test.recall@20", "test.ndcg@20"]:
         a, b = summary["magnet"][key], summary[BASELINE][key]
         gain = a["mean"] - b["mean"]
@@ -291,12 +294,14 @@ def comparison(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str,
             "gain": gain,
             "relative_gain": gain / b["mean"] if b["mean"] else math.nan,
             "spread": spread,
-            "beats": bool(gain > spread),
+            # no verdict from one seed a side: there is no spread to beat
+            "beats": bool(gain > spread) if min(len(paired), n_a, n_b) >= 2 else None,
             "paired_gains": paired,
             "paired_gain_mean": pm,
             "paired_gain_std": ps,
         }
-    out["beats_both"] = all(out[k]["beats"] for k in ["test.recall@20", "test.ndcg@20"])
+    verdicts = [out[k]["beats"] for k in ["test.recall@20", "test.ndcg@20"]]
+    out["beats_both"] = None if None in verdicts else all(verdicts)
     return out
 
 
@@ -338,8 +343,12 @@ def markdown(result: dict[str, Any]) -> str:
                 f"- MAGNET vs LightGCN {key}: gain {c['gain']:+.4f} "
                 f"({100 * c['relative_gain']:+.1f}%), seed spread {c['spread']:.4f}, paired "
                 f"gain {c['paired_gain_mean']:+.4f} ± {c['paired_gain_std']:.4f} -> "
-                f"{'beats' if c['beats'] else 'does NOT beat'} the baseline by more than the "
-                "spread"
+                + (
+                    "no verdict (needs >= 2 seeds a side)"
+                    if c["beats"] is None
+                    else f"{'beats' if c['beats'] else 'does NOT beat'} the baseline by more "
+                    "than the spread"
+                )
             )
     diag = [
         r

@@ -75,6 +75,7 @@ def build_model(cfg: Config, ds: Dataset) -> MagnetModel:
 
 
 def select(reps: dict[str, torch.Tensor], idx: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Rows ``idx`` of every modality's representation (shared with the distributed loop)."""
     return {m: v[idx] for m, v in reps.items()}
 
 

@@ -39,6 +39,7 @@ from magnet_dist.train.common import (
     step_row,
     truncate_evaluations,
 )
+from magnet_dist.train.reference import select
 from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomic
 from magnet_dist.train.worker_info import record_worker
 
@@ -49,10 +50,6 @@ class WorkerContext:
     world: int
     part: int
     num_parts: int
-
-
-def select(reps: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {m: v[rows] for m, v in reps.items()}
 
 
 def sampled_loss(

@@ -152,3 +152,18 @@ def test_expert_parallel_two_workers_end_to_end(tiny_dataset, tmp_path):
     assert all(float(r["load_17"]) >= 0 for r in rows)  # stats cover every global expert
     shards = sorted(p.name for p in (run / "ray").rglob("experts-ep*-of-002.pt"))
     assert {"experts-ep000-of-002.pt", "experts-ep001-of-002.pt"} <= set(shards)
+
+
+def test_workers_get_absolute_paths(tmp_path, monkeypatch):
+    """Ray Train workers run in their own working directory (regression: the quick start's
+    relative data.path was not found by the workers)."""
+    from magnet_dist.train.distributed import with_absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    cfg = with_absolute_paths(
+        load_config(overrides=["data.path=data/x", "graph.partition_dir=p", "train.storage_path=s"])
+    )
+    assert cfg.data.path == str(tmp_path / "data" / "x")
+    assert cfg.graph.partition_dir == str(tmp_path / "p")
+    assert cfg.train.storage_path == str(tmp_path / "s")
+    assert Path(cfg.train.run_dir).is_absolute()

@@ -83,6 +83,18 @@ def ray_cluster(cfg: Config):
         ray.shutdown()
 
 
+def with_absolute_paths(cfg: Config) -> Config:
+    """Ray Train workers run in their own working directory: every path they get is absolute."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.path = str(Path(cfg.data.path).resolve())
+    if cfg.graph.partition_dir:
+        cfg.graph.partition_dir = str(Path(cfg.graph.partition_dir).resolve())
+    cfg.train.run_dir = str(cfg.run_dir.resolve())
+    if cfg.train.storage_path and "://" not in cfg.train.storage_path:
+        cfg.train.storage_path = str(Path(cfg.train.storage_path).resolve())
+    return cfg
+
+
 def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if not (cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")):
         keep_ray_on_loopback()  # before the first ray import
@@ -92,6 +104,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from magnet_dist.data.dataset import load_dataset
     from magnet_dist.train.worker import FAILURE_LOG, train_loop_per_worker
 
+    cfg = with_absolute_paths(cfg)
     # every input is checked before anything is written or started: a damaged Parquet file
     # (checksums of manifest.json), partitions of other data, a checkpoint of another config
     load_dataset(cfg.data.path, verify_checksum=True)

@@ -131,14 +131,14 @@ def dense_eval_model(model: MagnetModel, cfg: Config, world: int) -> MagnetModel
     return dense
 
 
-def evaluate_sharded(model, cfg, client, ctx: WorkerContext, evaluators: dict) -> dict[str, float]:
-    """Each worker ranks its share of users against all items; sums are merged exactly."""
+def evaluate_sharded(scorer, client, ctx: WorkerContext, evaluators: dict) -> dict[str, float]:
+    """Each worker ranks its share of users against all items with ``scorer`` (the model from
+    ``dense_eval_model``); sums are merged exactly."""
     from magnet_dist.graph.dist import shard
 
-    scorer = dense_eval_model(model, cfg, ctx.world)
     my_users = shard(client.num_users, ctx.rank, ctx.world)
     my_items = shard(client.num_items, ctx.rank, ctx.world)
-    user_reps, item_reps = client.full_representations(model, users=my_users, items=my_items)
+    user_reps, item_reps = client.full_representations(scorer, users=my_users, items=my_items)
     item_reps = gather_items(item_reps, ctx.world)
     first = int(my_users[0]) if my_users.numel() else 0
     offset_reps = {m: torch.zeros(first, h.shape[1]) for m, h in user_reps.items()}
@@ -251,12 +251,12 @@ def load_worker_checkpoint(directory: Path, ctx, model, client, opts, emb_opt, c
     return ck
 
 
-def export_best(run_dir: Path, cfg: Config, model, client, ctx: WorkerContext, epoch: int):
-    """checkpoints/best.pt in the reference trainer's format (dense model with every expert,
-    one embedding table users-then-items), so evaluate/recommend work for either trainer."""
+def export_best(run_dir: Path, cfg: Config, scorer, client, ctx: WorkerContext, epoch: int):
+    """checkpoints/best.pt in the reference trainer's format (``scorer`` = the dense model with
+    every expert, one embedding table users-then-items), so evaluate/recommend work for either
+    trainer."""
     from magnet_dist.train.checkpoint import save_checkpoint
 
-    scorer = dense_eval_model(model, cfg, ctx.world)
     if ctx.rank != 0:
         return
     users = client.embeddings("user", torch.arange(client.num_users))
@@ -547,9 +547,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if not cfg.eval.in_loop:
                 if last:  # no ranking in the loop: the final model is the exported one
                     stopper.best_epoch = epoch
-                    export_best(run_dir, cfg, model, client, ctx, epoch)
+                    scorer = dense_eval_model(model, cfg, world)
+                    export_best(run_dir, cfg, scorer, client, ctx, epoch)
             elif (epoch + 1) % cfg.train.eval_every == 0 or last:
-                evals = evaluate_sharded(model, cfg, client, ctx, evaluators)
+                # one gather of the experts serves both the ranking and the export below
+                scorer = dense_eval_model(model, cfg, world)
+                evals = evaluate_sharded(scorer, client, ctx, evaluators)
                 metrics.update(evals)
                 if rank == 0:
                     append_evaluation(
@@ -562,7 +565,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     )
                 if stopper.update(epoch, evals[SELECTION_METRIC]):
                     best_metrics = evals  # test numbers of the epoch chosen on validation
-                    export_best(run_dir, cfg, model, client, ctx, epoch)
+                    export_best(run_dir, cfg, scorer, client, ctx, epoch)
                 if rank == 0:
                     print(
                         f"[distributed] epoch {epoch} step {step} valid recall@20 {evals[SELECTION_METRIC]:.4f} stage {state.stage}",

@@ -38,8 +38,9 @@ def test_lightgcn_matches_dense_formula_both_views():
     feats = {"text": torch.randn(n, 2)}
     is_item = torch.arange(n) >= U
     out = enc([hop] * L, emb, feats, is_item, is_item)
-    h0 = enc.layer0(emb, feats, is_item)
-    assert torch.all(h0[:U, d:] == 0)  # users have no content of their own
+    behaviour, content = enc.layer0(emb, feats, is_item)
+    assert content.shape == (n_items, d)  # item rows only: users have no content of their own
+    h0 = torch.cat([behaviour, torch.zeros(n, d).index_put((is_item.nonzero()[:, 0],), content)], 1)
 
     def mean_layers(a, x):
         layers = [x]
@@ -77,3 +78,27 @@ def test_content_view_off_is_observed_view_only():
     b = off([hop], emb, {}, is_item, is_item)["behaviour"]
     assert not torch.allclose(a[U:], b[U:])  # item-item edges change item reps
     assert off.fusion_weights.sum() == 0
+
+
+def test_propagate_forward_and_backward_match_dense_matrix():
+    """CSR product with its cached transpose == dense ``A @ h`` and ``A^T @ grad``, also with the
+    src columns restricted to a mask (layer-0 content, item rows only) and duplicate edges."""
+    torch.manual_seed(1)
+    U, n_items = 6, 7
+    tu = torch.tensor([0, 0, 1, 2, 3, 4, 5, 5, 5])
+    ti = torch.tensor([0, 1, 1, 2, 3, 4, 5, 6, 6])  # (5, 6) twice
+    hop = full_graph_hop(
+        U, n_items, tu, ti, torch.tensor([0, 1]), torch.tensor([1, 0]), torch.tensor([0.5, 0.5])
+    )
+    n = U + n_items
+    is_item = torch.arange(n) >= U
+    for view in ("observed", "augmented"):
+        norm = hop.norm_observed if view == "observed" else hop.norm_augmented
+        dense = torch.zeros(n, n).index_put_((hop.dst, hop.src), norm, accumulate=True)
+        for mask, a in ((None, dense), (is_item, dense[:, is_item])):
+            h = torch.randn(a.shape[1], 3, requires_grad=True)
+            g = torch.randn(n, 3)
+            out = hop.propagate(h, view, src_mask=mask)
+            assert torch.allclose(out, a @ h, atol=1e-6)
+            (grad,) = torch.autograd.grad(out, h, g)
+            assert torch.allclose(grad, a.T @ g, atol=1e-6)

@@ -50,31 +50,61 @@ class DualViewEncoder(nn.Module):
 
     def layer0(
         self, id_emb: torch.Tensor, feats: dict[str, torch.Tensor], is_item: torch.Tensor
-    ) -> torch.Tensor:
-        """Layer-0 input of every channel, concatenated: ``[n, M*d]``.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer-0 inputs: behaviour ``[n, d]`` (every input node) and the content channels
+        concatenated ``[n_items, C*d]`` (item rows only, in the order of ``is_item``'s True
+        entries; users' content input is 0, and at scale most input nodes are users), or None
+        without content modalities.
 
-        ``feats[c]`` holds either every input node's row (users' rows ignored: their content
-        input is 0) or only the item rows, in the order of ``is_item``'s True entries; only
-        item rows are projected (at scale most input nodes are users)."""
-        n = id_emb.shape[0]
+        ``feats[c]`` holds either every input node's row or only the item rows."""
+        if len(self.modalities) == 1:
+            return id_emb, None
         item_idx = torch.nonzero(is_item, as_tuple=True)[0]
-        parts = [id_emb]
+        parts = []
         for c in self.modalities[1:]:
             x = feats[c]
             if x.shape[0] != item_idx.numel():
                 x = x[item_idx]
-            h = self.projections[c](x)
-            parts.append(h.new_zeros(n, h.shape[1]).index_put((item_idx,), h))
-        return torch.cat(parts, dim=1)
+            parts.append(self.projections[c](x))
+        return id_emb, torch.cat(parts, dim=1)
 
-    def propagate(self, h0: torch.Tensor, hops: list[Hop], view: str) -> torch.Tensor:
-        """Sum over layers 0..L of LightGCN propagation, restricted to the last hop's dst nodes."""
-        h = h0
-        total = h0
-        for hop in hops:
+    def propagate(
+        self,
+        behaviour: torch.Tensor,
+        content: torch.Tensor | None,
+        is_item: torch.Tensor,
+        hops: list[Hop],
+        view: str,
+    ) -> torch.Tensor:
+        """Sum over layers 0..L of LightGCN propagation, restricted to the last hop's dst nodes,
+        all channels concatenated ``[n_out, M*d]``. The first hop reads the content channels
+        from item rows only (their user rows are zero)."""
+        content_rows = None
+        if content is not None:  # item input rows among the first hop's dst nodes
+            dst_src = hops[0].dst_in_src if hops else torch.arange(is_item.numel())
+            rows = torch.nonzero(is_item[dst_src], as_tuple=True)[0]
+            content_rows = (rows, (torch.cumsum(is_item, 0) - 1)[dst_src[rows]])
+        if not hops:
+            return torch.cat([behaviour, self._scatter(content, content_rows, is_item.numel())], 1)
+        first = hops[0]
+        h = first.propagate(behaviour, view)
+        total = behaviour[first.dst_in_src]
+        if content is not None:
+            h = torch.cat([h, first.propagate(content, view, src_mask=is_item)], dim=1)
+            total = torch.cat([total, self._scatter(content, content_rows, first.num_dst)], 1)
+        total = total + h
+        for hop in hops[1:]:
             h = hop.propagate(h, view)
             total = total[hop.dst_in_src] + h
         return total
+
+    @staticmethod
+    def _scatter(content, rows, n: int) -> torch.Tensor:
+        """Item rows of ``content`` placed among ``n`` rows (zeros elsewhere)."""
+        if content is None:
+            return torch.zeros(n, 0)
+        dst_rows, item_pos = rows
+        return content.new_zeros(n, content.shape[1]).index_put((dst_rows,), content[item_pos])
 
     def forward(
         self,
@@ -89,10 +119,10 @@ class DualViewEncoder(nn.Module):
         ``id_emb``/``feats``/``is_item_in`` describe the first hop's src nodes; ``is_item_out``
         the last hop's dst nodes (users and items may both be outputs).
         """
-        h0 = self.layer0(id_emb, feats, is_item_in)
-        observed = self.propagate(h0, hops, "observed")
+        behaviour, content = self.layer0(id_emb, feats, is_item_in)
+        observed = self.propagate(behaviour, content, is_item_in, hops, "observed")
         if self.content_view:
-            augmented = self.propagate(h0, hops, "augmented")
+            augmented = self.propagate(behaviour, content, is_item_in, hops, "augmented")
         layers = len(hops)
         # Mean over layers: 0..L for items and for behaviour, 1..L for users' content channels
         # (their layer 0 is zero by definition).

@@ -13,6 +13,7 @@ thus serves both views.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -31,20 +32,43 @@ class Hop:
     dst_in_src: torch.Tensor  # int64 [num_dst]
     _matrices: dict = field(default_factory=dict, repr=False, compare=False)
 
-    def matrix(self, view: str) -> torch.Tensor:
-        """The hop as a sparse ``[num_dst, num_src]`` matrix of one view's norms (cached)."""
-        if view not in self._matrices:
-            norm = self.norm_observed if view == "observed" else self.norm_augmented
-            keep = norm != 0
-            idx = torch.stack([self.dst[keep], self.src[keep]])
-            self._matrices[view] = torch.sparse_coo_tensor(
-                idx, norm[keep], (self.num_dst, self.num_src)
-            ).coalesce()
-        return self._matrices[view]
+    def matrix(self, view: str, src_mask: torch.Tensor | None = None) -> SparseMatrix:
+        """The hop as a ``[num_dst, num_src]`` sparse matrix of one view's norms (cached).
 
-    def propagate(self, h: torch.Tensor, view: str) -> torch.Tensor:
-        """One LightGCN step: ``out[d] = sum_{(s,d)} norm * h[s]`` (no weights, no non-linearity)."""
-        return torch.sparse.mm(self.matrix(view), h)
+        ``src_mask``: keep only the columns of these src nodes (renumbered in mask order), for
+        inputs that exist on a subset of nodes only (layer-0 content: item rows)."""
+        key = (view, src_mask is not None)
+        cached = self._matrices.get(key)
+        if cached is not None and (src_mask is None or cached[0] is src_mask):
+            return cached[1]
+        norm = self.norm_observed if view == "observed" else self.norm_augmented
+        keep = norm != 0
+        src, num_src = self.src, self.num_src
+        if src_mask is not None:
+            keep &= src_mask[src]
+            src = (torch.cumsum(src_mask, 0) - 1)[src]  # renumbering keeps the src order
+            num_src = int(src_mask.sum())
+        dst, num_dst = self.dst, self.num_dst
+        m = SparseMatrix(
+            lambda: _csr(self._order("dst"), keep, dst, src, norm, num_dst, num_src),
+            lambda: _csr(self._order("src"), keep, src, dst, norm, num_src, num_dst),
+        )
+        self._matrices[key] = (src_mask, m)
+        return m
+
+    def _order(self, by: str) -> torch.Tensor:
+        """Edges sorted by dst (or src), once per hop: every view and mask filters this order."""
+        if by not in self._matrices:
+            self._matrices[by] = torch.sort(self.dst if by == "dst" else self.src, stable=True)[1]
+        return self._matrices[by]
+
+    def propagate(
+        self, h: torch.Tensor, view: str, src_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One LightGCN step: ``out[d] = sum_{(s,d)} norm * h[s]`` (no weights, no non-linearity).
+
+        ``h`` has one row per src node, or with ``src_mask`` one row per masked src node."""
+        return _SpMM.apply(self.matrix(view, src_mask), h)
 
     def to(self, device: torch.device | str) -> Hop:
         return Hop(
@@ -56,6 +80,62 @@ class Hop:
             self.num_dst,
             self.dst_in_src.to(device),
         )
+
+
+class SparseMatrix:
+    """A fixed sparse matrix in CSR, and its transpose (for the backward), each built on first use.
+
+    torch's COO ``sparse.mm`` coalesces (sorts) the matrix, and its transpose again in every
+    backward; here each hop sorts its edges once by dst and once by src, and both views and the
+    item-column restriction filter those orders, which at scale was a large share of a step."""
+
+    def __init__(self, build, build_transpose) -> None:
+        self._build = {"csr": build, "transpose": build_transpose}
+        self._built: dict[str, torch.Tensor] = {}
+
+    def _get(self, which: str) -> torch.Tensor:
+        if which not in self._built:
+            self._built[which] = self._build[which]()
+        return self._built[which]
+
+    @property
+    def csr(self) -> torch.Tensor:
+        return self._get("csr")
+
+    @property
+    def transpose(self) -> torch.Tensor:
+        return self._get("transpose")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.csr.shape)
+
+
+def _csr(order, keep, rows, cols, values, n_rows: int, n_cols: int) -> torch.Tensor:
+    """CSR of the kept edges, ``order`` sorting them by row (duplicates are summed by the
+    product; columns need no order within a row)."""
+    order = order[keep[order]]
+    rows = rows[order]
+    crow = torch.zeros(n_rows + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=n_rows), 0)
+    with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, cols[order], values[order], (n_rows, n_cols))
+
+
+class _SpMM(torch.autograd.Function):
+    """``A @ h`` for a constant sparse ``A``; the backward is ``A^T @ grad`` (no gradient for A)."""
+
+    @staticmethod
+    def forward(ctx, a: SparseMatrix, h: torch.Tensor) -> torch.Tensor:
+        ctx.a = a
+        if h.shape[0] != a.shape[1]:
+            raise ValueError(f"propagate: {h.shape[0]} input rows for a hop with {a.shape[1]}")
+        return a.csr @ h
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return None, ctx.a.transpose @ grad.contiguous()
 
 
 def full_graph_hop(

@@ -145,8 +145,9 @@ class _DistAccess(GraphAccess):
         from magnet_dist.graph.partition import II
 
         wanted = [("user", n) for n in ("deg_o", "deg_a")]
-        wanted += [("item", str(n)) for n in self.g.nodes["item"].data.keys()
-                   if str(n) != "orig_id"]
+        wanted += [
+            ("item", str(n)) for n in self.g.nodes["item"].data.keys() if str(n) != "orig_id"
+        ]
         tensors = [(key, self.g.nodes[key[0]].data[key[1]]) for key in wanted]
         if II in self.g.canonical_etypes:
             tensors.append(((II, "weight"), self.g.edges[II].data["weight"]))
@@ -158,9 +159,11 @@ class _DistAccess(GraphAccess):
             return {}
         for key, t in tensors:
             n = int(t.shape[0])
-            self.local[key] = torch.cat(
-                [t[torch.arange(s, min(s + chunk, n))] for s in range(0, n, chunk)]
-            ) if n else t[torch.zeros(0, dtype=torch.int64)]
+            self.local[key] = (
+                torch.cat([t[torch.arange(s, min(s + chunk, n))] for s in range(0, n, chunk)])
+                if n
+                else t[torch.zeros(0, dtype=torch.int64)]
+            )
         return {str(k[-1]) if k[0] == "item" else f"{k[0]}/{k[-1]}": v for k, v in sizes.items()}
 
 
@@ -298,16 +301,20 @@ class GraphClient:
     ) -> None:
         """Create the user / item DistEmbeddings (collective; sharded like the nodes).
 
-        ``init="normal"``: N(0, std^2); ``"xavier"``: U(-b, b), b = sqrt(6 / (n + dim))."""
+        ``init="normal"``: N(0, std^2); ``"xavier"``: U(-b, b), b = sqrt(6 / (U + I + dim)),
+        the bound of the reference trainer's one users-then-items table (per-type bounds would
+        start users and items at a larger, different scale than the reference)."""
         from dgl.distributed import DistEmbedding
 
         inits = {}
-        for nt, n in (("user", self.num_users), ("item", self.num_items)):
+        # one random stream per (type, partition): with a shared stream, user row k and item
+        # row k of a partition would start equal
+        for type_seed, nt in enumerate(("user", "item"), start=2 * seed + 1):
             if init == "normal":
-                inits[nt] = functools.partial(_init_normal, std=float(std), seed=seed)
+                inits[nt] = functools.partial(_init_normal, std=float(std), seed=type_seed)
             elif init == "xavier":
-                bound = math.sqrt(6.0 / (n + dim))
-                inits[nt] = functools.partial(_init_xavier, bound=bound, seed=seed + 1)
+                bound = math.sqrt(6.0 / (self.num_users + self.num_items + dim))
+                inits[nt] = functools.partial(_init_xavier, bound=bound, seed=type_seed)
             else:
                 raise MagnetError(f"embedding init must be 'normal' or 'xavier', got {init!r}")
         with watchdog(self.timeout_s, "creating the ID embeddings (DistEmbedding)"):

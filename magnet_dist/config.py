@@ -105,6 +105,11 @@ class TrainConfig(_Section):
     workers: int = Field(2, ge=1)
     epochs: int = Field(50, ge=1)
     batch_size: int = Field(2048, ge=1)
+    # False: batch_size is the global batch (split over workers; same optimisation as the
+    # reference). True: each worker's batch (DistDGL / GraphStorm convention; the global batch
+    # grows with the workers): weak scaling, for throughput on graphs whose sampled
+    # neighbourhood of a half batch costs about as much as a whole one's.
+    batch_per_worker: bool = False
     lr: float = Field(1e-3, gt=0)
     n_neg: int = Field(1, ge=1)
     seed: int = 2024

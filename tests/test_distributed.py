@@ -167,3 +167,36 @@ def test_workers_get_absolute_paths(tmp_path, monkeypatch):
     assert cfg.graph.partition_dir == str(tmp_path / "p")
     assert cfg.train.storage_path == str(tmp_path / "s")
     assert Path(cfg.train.run_dir).is_absolute()
+
+
+def _plan_worker(rank: int, port: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from magnet_dist.train.worker import epoch_plan
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    num_local = [1000, 900][rank]  # unequal shards: both ranks still take the same steps
+    plans = {
+        per: epoch_plan(num_local, 256, 2, 7, 0, rank, per_worker_batch=per)
+        for per in (False, True)
+    }
+    torch.save(plans, Path(out) / f"plan{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_epoch_plan_global_and_per_worker_batch(tmp_path):
+    """Global batch: each worker takes batch/world pairs a step; per-worker batch: batch each.
+    Either way every local edge once and the same number of steps on every rank."""
+    import numpy as np
+    import torch
+    import torch.multiprocessing as mp
+
+    mp.spawn(_plan_worker, args=(free_base_port("127.0.0.1"), str(tmp_path)), nprocs=2)
+    plans = [torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in range(2)]
+    for per, want_steps in ((False, 8), (True, 4)):  # ceil(1000 / 128), ceil(1000 / 256)
+        for rank, num_local in enumerate((1000, 900)):
+            plan = plans[rank][per]
+            assert len(plan) == want_steps
+            assert max(len(b) for b in plan) <= (256 if per else 128)
+            assert np.array_equal(np.sort(np.concatenate(plan)), np.arange(num_local))

@@ -85,12 +85,21 @@ def sampled_loss(
     )
 
 
-def epoch_plan(num_local: int, batch_size: int, world: int, seed: int, epoch: int, rank: int):
+def epoch_plan(
+    num_local: int,
+    batch_size: int,
+    world: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    per_worker_batch: bool = False,
+):
     """This worker's batches for one epoch: the same number of steps on every worker (the
-    collectives need it), every local edge exactly once, global batch ~ ``batch_size``."""
+    collectives need it), every local edge exactly once, global batch ~ ``batch_size`` (or
+    ``world * batch_size`` with ``per_worker_batch``)."""
     counts = torch.tensor([num_local], dtype=torch.int64)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    per_worker = max(1, batch_size // world)
+    per_worker = batch_size if per_worker_batch else max(1, batch_size // world)
     steps = max(1, -(-int(counts) // per_worker))
     order = np.random.default_rng([seed, epoch, rank]).permutation(num_local)
     return np.array_split(order, steps)
@@ -475,7 +484,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         t0, pairs, step_seconds = time.time(), 0, 0.0
         for epoch in range(start_epoch, cfg.train.epochs):
             plan = epoch_plan(
-                len(users_local), cfg.train.batch_size, world, cfg.train.seed, epoch, rank
+                len(users_local),
+                cfg.train.batch_size,
+                world,
+                cfg.train.seed,
+                epoch,
+                rank,
+                cfg.train.batch_per_worker,
             )
             if cfg.train.max_steps_per_epoch:
                 plan = plan[: cfg.train.max_steps_per_epoch]

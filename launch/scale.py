@@ -302,6 +302,16 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
     acc.node_data = timed("feature_fetch", acc.node_data)
     acc.edge_data = timed("feature_fetch", acc.edge_data)
     client.input_embeddings = timed("embedding_fetch", client.input_embeddings)
+    sizes: dict[str, int] = {}
+    sample_blocks = client.sample_blocks
+
+    def counted(*a, **k):
+        blocks = sample_blocks(*a, **k)
+        sizes["input_nodes"] = blocks.num_input
+        sizes["edges"] = sum(int(h.src.numel()) for h in blocks.hops)
+        return blocks
+
+    client.sample_blocks = counted
     try:
         t0 = time.perf_counter()
         ds = load_dataset(cfg.data.path)
@@ -353,6 +363,7 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
             fetch = timers.get("feature_fetch", 0.0) + timers.get("embedding_fetch", 0.0)
             rows.append(
                 {
+                    **sizes,
                     "total": total,
                     "negative_sampling": t_neg,
                     "sampling": timers.get("sampling", 0.0),
@@ -366,7 +377,8 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
             )
         measured = rows[p["warmup"] :]
         split = {k: round(float(np.mean([r[k] for r in measured])), 4) for k in measured[0]}
-        del client.input_embeddings
+        sampled = {k: int(split.pop(k)) for k in ("input_nodes", "edges")}
+        del client.input_embeddings, client.sample_blocks
     finally:
         client.close()
         servers.wait(60)
@@ -376,6 +388,8 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
     return {
         "throughput": {"pairs_per_s": round(bs / step_s, 1)},
         "batch_size": bs,
+        "fanouts": list(cfg.train.fanouts),
+        "sampled_per_step": sampled,  # input nodes and sampled edges (all hops), mean
         "steps_measured": p["steps"],
         "warmup_steps": p["warmup"],
         "step_split_s": split,
@@ -518,6 +532,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip prepare/content/partition where their output exists",
     )
     p.add_argument("--docs", action="store_true", help="also write docs/benchmarks.md")
+    p.add_argument(
+        "--sweep",
+        default="",
+        help="profile one worker at other fanouts@batch sizes too, e.g. '5,5@2048 10,10@8192': "
+        "pairs/s against sampled input nodes (the cost driver)",
+    )
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stage-params", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stage-result", default=None, help=argparse.SUPPRESS)
@@ -533,6 +553,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.two_stage_users = args.two_stage_users or (2000 if q else 20000)
     args.exact_users = args.exact_users or (200 if q else 500)
     args.worker_list = [int(w) for w in args.workers.split(",") if w.strip()]
+    args.sweep_list = parse_sweep(args.sweep)  # bad input fails before any stage runs
     args.skip_set = {s.strip() for s in args.skip.split(",") if s.strip()}
     unknown = args.skip_set - set(STAGES)
     if unknown:
@@ -552,6 +573,20 @@ def fmt_throughput(t: dict[str, float] | None) -> str:
 
 def _gb(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
+
+
+def parse_sweep(text: str) -> list[tuple[list[int], int]]:
+    """'5,5@2048 10,10@8192' -> [([5, 5], 2048), ([10, 10], 8192)]."""
+    out = []
+    for item in text.split():
+        try:
+            fan, batch = item.split("@")
+            out.append(([int(f) for f in fan.split(",")], int(batch)))
+        except ValueError:
+            raise SystemExit(
+                f"--sweep: expected FANOUTS@BATCH like 5,5@2048, got {item!r}"
+            ) from None
+    return out
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -594,6 +629,29 @@ def markdown(results: dict[str, Any]) -> str:
         for k, v in prof["step_split_s"].items():
             share = prof["step_split_share"].get(k, 1.0)
             lines.append(f"| {k} | {v:.3f} | {share:.0%} |")
+    sweep = [
+        r
+        for r in results["stages"]
+        if r["stage"] in ("profile",) or r["stage"].startswith("sweep_")
+        if "step_split_s" in r and "sampled_per_step" in r
+    ]
+    if len(sweep) > 1:
+        lines += [
+            "",
+            "One worker at other fanouts and batch sizes (profile stage each; the step's cost "
+            "follows the sampled input nodes):",
+            "",
+            "| fanouts | batch | input nodes / step | sampled edges / step | step (s) "
+            "| sampling | compute | communication | pairs/s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in sweep:
+            sp, n = r["step_split_s"], r["sampled_per_step"]
+            lines.append(
+                f"| {r['fanouts']} | {r['batch_size']} | {n['input_nodes']:,} | {n['edges']:,} "
+                f"| {sp['total']:.2f} | {sp['sampling']:.2f} | {sp['compute']:.2f} "
+                f"| {sp['communication']:.2f} | {r['throughput']['pairs_per_s']:,.0f} |"
+            )
     ev = next((r for r in results["stages"] if r["stage"] == "evaluate" and "metrics" in r), None)
     if ev:
         lines += [
@@ -837,6 +895,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 },
                 out,
                 log,
+            )
+        )
+    for fanouts, batch in args.sweep_list:
+        add(
+            run_stage(
+                f"sweep_{'-'.join(map(str, fanouts))}_b{batch}",
+                {
+                    "config": args.config,
+                    "overrides": [
+                        *base,
+                        f"train.fanouts={json.dumps(fanouts)}",
+                        f"train.batch_size={batch}",
+                    ],
+                    "part_config": str(part_dir(1) / "magnet.json"),
+                    "steps": args.profile_steps,
+                    "warmup": 2,
+                },
+                out,
+                log,
+                "profile",
             )
         )
     if "evaluate" not in args.skip_set:

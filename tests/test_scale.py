@@ -41,6 +41,8 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "2",
         "--partition-method",
         "random",
+        "--sweep",
+        "2,2@128",
         "--out",
         str(out),
         "train.batch_size=256",
@@ -60,6 +62,7 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "partition_2",
         "train_w2",
         "profile",
+        "sweep_2-2_b128",
         "evaluate",
     ]
     for s in results["stages"]:
@@ -82,6 +85,14 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "communication",
     ):
         assert key in split
+    sweep = by["sweep_2-2_b128"]
+    assert sweep["fanouts"] == [2, 2] and sweep["batch_size"] == 128
+    # fewer neighbours and seeds than the profile stage: fewer sampled input nodes
+    assert (
+        0
+        < sweep["sampled_per_step"]["input_nodes"]
+        < by["profile"]["sampled_per_step"]["input_nodes"]
+    )
     m = by["evaluate"]["metrics"]
     for key in (
         "test.two_stage.recall@20",
@@ -95,3 +106,4 @@ def test_quick_scale_benchmark_schema(tmp_path):
     assert "peak memory <= 16 GB every stage" in targets
     md = (out / "results.md").read_text()
     assert "| stage |" in md and "train_w2" in md and "Command:" in md
+    assert "| [2, 2] | 128 |" in md  # the sweep table

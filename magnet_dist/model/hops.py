@@ -31,6 +31,7 @@ class Hop:
     num_dst: int
     dst_in_src: torch.Tensor  # int64 [num_dst]
     _matrices: dict = field(default_factory=dict, repr=False, compare=False)
+    _orders: dict = field(default_factory=dict, repr=False, compare=False)
 
     def matrix(self, view: str, src_mask: torch.Tensor | None = None) -> SparseMatrix:
         """The hop as a ``[num_dst, num_src]`` sparse matrix of one view's norms (cached).
@@ -44,23 +45,22 @@ class Hop:
         norm = self.norm_observed if view == "observed" else self.norm_augmented
         keep = norm != 0
         src, num_src = self.src, self.num_src
+        self_src = self.src
         if src_mask is not None:
             keep &= src_mask[src]
             src = (torch.cumsum(src_mask, 0) - 1)[src]  # renumbering keeps the src order
             num_src = int(src_mask.sum())
         dst, num_dst = self.dst, self.num_dst
+        # edges sorted by dst (or src) once per hop; every view and mask filters that order.
+        # The builders must not capture ``self``: a hop -> matrix -> builder -> hop cycle would
+        # keep every step's hops (hundreds of MB at scale) alive until the cyclic GC runs.
+        orders = self._orders
         m = SparseMatrix(
-            lambda: _csr(self._order("dst"), keep, dst, src, norm, num_dst, num_src),
-            lambda: _csr(self._order("src"), keep, src, dst, norm, num_src, num_dst),
+            lambda: _csr(_order(orders, "dst", dst), keep, dst, src, norm, num_dst, num_src),
+            lambda: _csr(_order(orders, "src", self_src), keep, src, dst, norm, num_src, num_dst),
         )
         self._matrices[key] = (src_mask, m)
         return m
-
-    def _order(self, by: str) -> torch.Tensor:
-        """Edges sorted by dst (or src), once per hop: every view and mask filters this order."""
-        if by not in self._matrices:
-            self._matrices[by] = torch.sort(self.dst if by == "dst" else self.src, stable=True)[1]
-        return self._matrices[by]
 
     def propagate(
         self, h: torch.Tensor, view: str, src_mask: torch.Tensor | None = None
@@ -109,6 +109,12 @@ class SparseMatrix:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.csr.shape)
+
+
+def _order(orders: dict, by: str, index: torch.Tensor) -> torch.Tensor:
+    if by not in orders:
+        orders[by] = torch.sort(index, stable=True)[1]
+    return orders[by]
 
 
 def _csr(order, keep, rows, cols, values, n_rows: int, n_cols: int) -> torch.Tensor:

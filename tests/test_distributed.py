@@ -52,12 +52,16 @@ def test_one_worker_fanout_all_matches_reference_loss_and_gradients(tiny_dataset
     assert r["ref_grad_outside_inputs"] == 0.0  # sampled inputs cover every node with a gradient
 
 
-def server_processes() -> list[psutil.Process]:
+def server_processes(data: Path | None = None) -> list[psutil.Process]:
+    """magnet_dist graph servers running now; with ``data``, only those serving partitions of
+    that dataset (other jobs on the machine may run servers of their own)."""
     out = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
         if "magnet_dist.graph.servers" in cmd and "--serve" in cmd:
-            out.append(proc)
+            part_config = cmd[cmd.index("--part-config") + 1] if "--part-config" in cmd else ""
+            if data is None or part_config.startswith(str(data)):
+                out.append(proc)
     return out
 
 
@@ -87,7 +91,7 @@ def two_worker_run(tiny_dataset, tmp_path_factory):
         ]
     )
     metrics = train_distributed(cfg, progress=False)
-    leftover = [p.pid for p in server_processes() if p.pid not in before]
+    leftover = [p.pid for p in server_processes(tiny_dataset) if p.pid not in before]
     return run, metrics, leftover
 
 
@@ -117,7 +121,9 @@ def test_stage_switch_happens_on_every_worker_together(two_worker_run):
     assert metrics["switch_step"] == stages.index(1) + 1  # (workers assert equality each step)
 
 
-def test_no_graph_server_left_running(two_worker_run):
+def test_no_graph_server_left_running(two_worker_run, tiny_dataset):
+    # the servers were those of partitions under the dataset, which the leftover filter matches
+    assert list(Path(tiny_dataset).glob("partitions-2-*/magnet.json"))
     assert two_worker_run[2] == []
 
 

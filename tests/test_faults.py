@@ -79,12 +79,14 @@ def read_steps(run: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def graph_server_pids() -> set[int]:
+def graph_server_pids(data: Path) -> set[int]:
+    """Graph servers of partitions under ``data`` (other jobs may run servers of their own)."""
     out = set()
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info.get("cmdline") or []
-        if "magnet_dist.graph.servers" in cmd and "--serve" in cmd:
-            out.add(proc.pid)
+        if "magnet_dist.graph.servers" in cmd and "--serve" in cmd and "--part-config" in cmd:
+            if cmd[cmd.index("--part-config") + 1].startswith(str(data)):
+                out.add(proc.pid)
     return out
 
 
@@ -143,7 +145,7 @@ def killed_twice(tiny_dataset, tmp_path_factory):
     step 14; ``train.max_failures=2`` restarts the group twice."""
     root = tmp_path_factory.mktemp("faults")
     run = root / "killed"
-    before, stale_before = graph_server_pids(), stale_segments()
+    before, stale_before = graph_server_pids(tiny_dataset), stale_segments()
     with fault_env(
         kill_in_checkpoint=f"{KILL_IN_CHECKPOINT}@0",
         kill_at_step=f"{KILL_AT_STEP}@1",
@@ -155,7 +157,7 @@ def killed_twice(tiny_dataset, tmp_path_factory):
         )
         wall = time.monotonic() - t0
     fired = sorted(p.name for p in root.glob("marker.*"))
-    leftover = wait_gone(graph_server_pids() - before)
+    leftover = wait_gone(graph_server_pids(tiny_dataset) - before)
     return run, metrics, fired, leftover, stale_segments() - stale_before, wall
 
 
@@ -164,14 +166,14 @@ def server_killed(tiny_dataset, tmp_path_factory):
     """Partition 1's graph server SIGKILLed after step 3, no restarts allowed."""
     root = tmp_path_factory.mktemp("faults")
     run = root / "server"
-    before, stale_before = graph_server_pids(), stale_segments()
+    before, stale_before = graph_server_pids(tiny_dataset), stale_segments()
     t0 = time.monotonic()
     with fault_env(kill_server_at_step="3@1", marker=root / "marker"):
         with pytest.raises(MagnetError) as info:
             train_distributed(dist_cfg(tiny_dataset, run), progress=False)
     wall = time.monotonic() - t0
     pids = recorded_pids(run)
-    leftover = wait_gone(pids | (graph_server_pids() - before))
+    leftover = wait_gone(pids | (graph_server_pids(tiny_dataset) - before))
     return run, info.value, wall, pids, leftover, stale_segments() - stale_before
 
 

@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -756,9 +757,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ]
     results: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "command": " ".join([Path(sys.executable).name, *sys.argv])
+        "command": shlex.join([Path(sys.executable).name, *sys.argv])
         if argv is None
-        else "launch/scale.py " + " ".join(argv),
+        else shlex.join(["launch/scale.py", *argv]),
         "machine": machine(),
         "size": {"users": args.users, "items": args.items, "interactions": args.interactions},
         "settings": {

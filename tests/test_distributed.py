@@ -175,13 +175,15 @@ def test_workers_get_absolute_paths(tmp_path, monkeypatch):
     assert Path(cfg.train.run_dir).is_absolute()
 
 
-def _plan_worker(rank: int, port: int, out: str) -> None:
+def _plan_worker(rank: int, out: str) -> None:
     import torch
     import torch.distributed as dist
 
     from magnet_dist.train.worker import epoch_plan
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a file rendezvous: no port that another job on the machine could take in between
+    store = Path(out) / "rendezvous"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     num_local = [1000, 900][rank]  # unequal shards: both ranks still take the same steps
     plans = {
         per: epoch_plan(num_local, 256, 2, 7, 0, rank, per_worker_batch=per)
@@ -198,7 +200,7 @@ def test_epoch_plan_global_and_per_worker_batch(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    mp.spawn(_plan_worker, args=(free_base_port("127.0.0.1"), str(tmp_path)), nprocs=2)
+    mp.spawn(_plan_worker, args=(str(tmp_path),), nprocs=2)
     plans = [torch.load(tmp_path / f"plan{r}.pt", weights_only=False) for r in range(2)]
     for per, want_steps in ((False, 8), (True, 4)):  # ceil(1000 / 128), ceil(1000 / 256)
         for rank, num_local in enumerate((1000, 900)):

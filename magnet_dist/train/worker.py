@@ -94,13 +94,30 @@ def epoch_plan(
     rank: int,
     per_worker_batch: bool = False,
 ):
-    """This worker's batches for one epoch: the same number of steps on every worker (the
-    collectives need it), every local edge exactly once, global batch ~ ``batch_size`` (or
-    ``world * batch_size`` with ``per_worker_batch``)."""
+    """This worker's batches for one epoch (collective: every rank takes as many steps as the
+    rank with the most local edges, see :func:`plan_batches`)."""
     counts = torch.tensor([num_local], dtype=torch.int64)
     dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    return plan_batches(
+        num_local, int(counts), batch_size, world, seed, epoch, rank, per_worker_batch
+    )
+
+
+def plan_batches(
+    num_local: int,
+    max_local: int,
+    batch_size: int,
+    world: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    per_worker_batch: bool = False,
+):
+    """Every local edge exactly once, in ``ceil(max_local / per-worker batch)`` steps (the
+    same on every rank: the collectives need it); global batch ~ ``batch_size`` (or
+    ``world * batch_size`` with ``per_worker_batch``)."""
     per_worker = batch_size if per_worker_batch else max(1, batch_size // world)
-    steps = max(1, -(-int(counts) // per_worker))
+    steps = max(1, -(-max_local // per_worker))
     order = np.random.default_rng([seed, epoch, rank]).permutation(num_local)
     return np.array_split(order, steps)
 

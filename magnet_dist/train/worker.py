@@ -85,24 +85,6 @@ def sampled_loss(
     )
 
 
-def epoch_plan(
-    num_local: int,
-    batch_size: int,
-    world: int,
-    seed: int,
-    epoch: int,
-    rank: int,
-    per_worker_batch: bool = False,
-):
-    """This worker's batches for one epoch (collective: every rank takes as many steps as the
-    rank with the most local edges, see :func:`plan_batches`)."""
-    counts = torch.tensor([num_local], dtype=torch.int64)
-    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
-    return plan_batches(
-        num_local, int(counts), batch_size, world, seed, epoch, rank, per_worker_batch
-    )
-
-
 def plan_batches(
     num_local: int,
     max_local: int,
@@ -113,8 +95,9 @@ def plan_batches(
     rank: int,
     per_worker_batch: bool = False,
 ):
-    """Every local edge exactly once, in ``ceil(max_local / per-worker batch)`` steps (the
-    same on every rank: the collectives need it); global batch ~ ``batch_size`` (or
+    """This worker's batches for one epoch: every local edge exactly once, in
+    ``ceil(max_local / per-worker batch)`` steps (the same on every rank: the collectives need
+    it; ``max_local`` = the most local edges of any rank); global batch ~ ``batch_size`` (or
     ``world * batch_size`` with ``per_worker_batch``)."""
     per_worker = batch_size if per_worker_batch else max(1, batch_size // world)
     steps = max(1, -(-max_local // per_worker))
@@ -499,9 +482,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         every_steps = cfg.train.checkpoint_every_steps
         t0, pairs, step_seconds = time.time(), 0, 0.0
+        # every rank takes as many steps per epoch as the rank with the most local edges
+        max_local = torch.tensor([len(users_local)], dtype=torch.int64)
+        dist.all_reduce(max_local, op=dist.ReduceOp.MAX)
         for epoch in range(start_epoch, cfg.train.epochs):
-            plan = epoch_plan(
+            plan = plan_batches(
                 len(users_local),
+                int(max_local),
                 cfg.train.batch_size,
                 world,
                 cfg.train.seed,

@@ -102,3 +102,16 @@ def test_propagate_forward_and_backward_match_dense_matrix():
             assert torch.allclose(out, a @ h, atol=1e-6)
             (grad,) = torch.autograd.grad(out, h, g)
             assert torch.allclose(grad, a.T @ g, atol=1e-6)
+
+
+def test_zero_layers_is_layer0():
+    """layers=0: the representation is the layer-0 input (items' own content, zeros for users)."""
+    U, n_items, d = 2, 3, 4
+    emb = torch.randn(U + n_items, d)
+    feats = {"text": torch.randn(n_items, 5)}
+    is_item = torch.arange(U + n_items) >= U
+    enc = DualViewEncoder({"text": 5}, dim=d, layers=0, content_view=False)
+    out = enc([], emb, feats, is_item, is_item)
+    assert torch.allclose(out["behaviour"], emb)
+    assert torch.all(out["text"][:U] == 0)
+    assert torch.allclose(out["text"][U:], enc.projections["text"](feats["text"]))

@@ -79,32 +79,21 @@ class DualViewEncoder(nn.Module):
         """Sum over layers 0..L of LightGCN propagation, restricted to the last hop's dst nodes,
         all channels concatenated ``[n_out, M*d]``. The first hop reads the content channels
         from item rows only (their user rows are zero)."""
-        content_rows = None
-        if content is not None:  # item input rows among the first hop's dst nodes
-            dst_src = hops[0].dst_in_src if hops else torch.arange(is_item.numel())
-            rows = torch.nonzero(is_item[dst_src], as_tuple=True)[0]
-            content_rows = (rows, (torch.cumsum(is_item, 0) - 1)[dst_src[rows]])
         if not hops:
-            return torch.cat([behaviour, self._scatter(content, content_rows, is_item.numel())], 1)
+            if content is None:
+                return behaviour
+            return torch.cat([behaviour, _items_among(content, is_item, None)], 1)
         first = hops[0]
         h = first.propagate(behaviour, view)
         total = behaviour[first.dst_in_src]
         if content is not None:
             h = torch.cat([h, first.propagate(content, view, src_mask=is_item)], dim=1)
-            total = torch.cat([total, self._scatter(content, content_rows, first.num_dst)], 1)
+            total = torch.cat([total, _items_among(content, is_item, first.dst_in_src)], 1)
         total = total + h
         for hop in hops[1:]:
             h = hop.propagate(h, view)
             total = total[hop.dst_in_src] + h
         return total
-
-    @staticmethod
-    def _scatter(content, rows, n: int) -> torch.Tensor:
-        """Item rows of ``content`` placed among ``n`` rows (zeros elsewhere)."""
-        if content is None:
-            return torch.zeros(n, 0)
-        dst_rows, item_pos = rows
-        return content.new_zeros(n, content.shape[1]).index_put((dst_rows,), content[item_pos])
 
     def forward(
         self,
@@ -143,6 +132,17 @@ class DualViewEncoder(nn.Module):
                 h = h / denom.unsqueeze(1)
             out[m] = h
         return out
+
+
+def _items_among(
+    content: torch.Tensor, is_item: torch.Tensor, rows: torch.Tensor | None
+) -> torch.Tensor:
+    """Layer-0 content at the input rows ``rows`` (all when None): an item's own row of
+    ``content`` (item rows only, in ``is_item`` order), zeros for users."""
+    rows = torch.arange(is_item.numel(), device=is_item.device) if rows is None else rows
+    at = torch.nonzero(is_item[rows], as_tuple=True)[0]
+    item_pos = (torch.cumsum(is_item, 0) - 1)[rows[at]]
+    return content.new_zeros(rows.numel(), content.shape[1]).index_put((at,), content[item_pos])
 
 
 def _logit(p: float) -> float:

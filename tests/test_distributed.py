@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
+from distributed_support import graph_server_pids, tiny_distributed_config
 
 from magnet_dist.config import load_config
 from magnet_dist.errors import MagnetError
@@ -52,19 +52,6 @@ def test_one_worker_fanout_all_matches_reference_loss_and_gradients(tiny_dataset
     assert r["ref_grad_outside_inputs"] == 0.0  # sampled inputs cover every node with a gradient
 
 
-def server_processes(data: Path | None = None) -> list[psutil.Process]:
-    """magnet_dist graph servers running now; with ``data``, only those serving partitions of
-    that dataset (other jobs on the machine may run servers of their own)."""
-    out = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if "magnet_dist.graph.servers" in cmd and "--serve" in cmd:
-            part_config = cmd[cmd.index("--part-config") + 1] if "--part-config" in cmd else ""
-            if data is None or part_config.startswith(str(data)):
-                out.append(proc)
-    return out
-
-
 def read_steps(run_dir: Path) -> list[dict]:
     with (run_dir / "metrics.csv").open() as f:
         return list(csv.DictReader(f))
@@ -73,25 +60,9 @@ def read_steps(run_dir: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_worker_run(tiny_dataset, tmp_path_factory):
     run = tmp_path_factory.mktemp("dist") / "run"
-    before = {p.pid for p in server_processes()}
-    cfg = load_config(
-        overrides=[
-            f"data.path={tiny_dataset}",
-            f"train.run_dir={run}",
-            "trainer.mode=distributed",
-            "train.workers=2",
-            "train.epochs=2",
-            "train.batch_size=512",
-            "model.dim=16",
-            "routing.min_steps=4",
-            "routing.window=2",
-            "routing.max_steps=12",
-            "routing.ramp_steps=4",
-            "graph.partition_method=random",
-        ]
-    )
-    metrics = train_distributed(cfg, progress=False)
-    leftover = [p.pid for p in server_processes(tiny_dataset) if p.pid not in before]
+    before = graph_server_pids(tiny_dataset)
+    metrics = train_distributed(tiny_distributed_config(tiny_dataset, run), progress=False)
+    leftover = sorted(graph_server_pids(tiny_dataset) - before)
     return run, metrics, leftover
 
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+from distributed_support import graph_server_pids, tiny_distributed_config
 
-from magnet_dist.config import load_config
 from magnet_dist.errors import MagnetError
 from magnet_dist.train.distributed import train_distributed
 from magnet_dist.train.worker_info import read_workers
@@ -38,24 +38,8 @@ STEPS_PER_EPOCH = 10  # 2 workers, ~2,400 training pairs each, 256 pairs per wor
 
 
 def dist_cfg(data: Path, run: Path, *extra: str):
-    return load_config(
-        overrides=[
-            f"data.path={data}",
-            f"train.run_dir={run}",
-            "trainer.mode=distributed",
-            "train.workers=2",
-            "train.epochs=2",
-            "train.batch_size=512",
-            "train.checkpoint_every_steps=4",
-            "model.dim=16",
-            "routing.min_steps=4",
-            "routing.window=2",
-            "routing.max_steps=12",
-            "routing.ramp_steps=4",
-            "graph.partition_method=random",
-            *extra,
-        ]
-    )
+    """The tiny 2-worker run with a checkpoint every 4 steps (what the faults resume from)."""
+    return tiny_distributed_config(data, run, "train.checkpoint_every_steps=4", *extra)
 
 
 @contextmanager
@@ -77,17 +61,6 @@ def fault_env(**values: str):
 def read_steps(run: Path) -> list[dict]:
     with (run / "metrics.csv").open() as f:
         return list(csv.DictReader(f))
-
-
-def graph_server_pids(data: Path) -> set[int]:
-    """Graph servers of partitions under ``data`` (other jobs may run servers of their own)."""
-    out = set()
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = proc.info.get("cmdline") or []
-        if "magnet_dist.graph.servers" in cmd and "--serve" in cmd and "--part-config" in cmd:
-            if cmd[cmd.index("--part-config") + 1].startswith(str(data)):
-                out.add(proc.pid)
-    return out
 
 
 def wait_gone(pids: set[int], timeout_s: float = 20.0) -> set[int]:

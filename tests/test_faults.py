@@ -291,3 +291,28 @@ def test_fixed_server_port_is_free_again_while_old_connections_linger():
         server.wait()
     client.close()  # the server side closed first: its port is in TIME_WAIT now
     check_port_free("127.0.0.1", port)
+
+
+def test_failure_is_explained_by_the_first_recorded_cause(tmp_path):
+    """A dead server's worker records the cause; the teardown that follows can make another
+    worker record its own server's death: the cause is the first note of this run, and
+    notes of earlier runs in the same folder are ignored."""
+    from magnet_dist.train.distributed import explain_failure
+
+    log = tmp_path / "failures.log"
+    entries = [
+        (90.0, "fault", "an earlier run's server died"),
+        (100.0, "resume", "resumed at epoch 0, batch 4, step 4"),
+        (101.0, "fault", "graph server of partition 1 exited with status -9"),
+        (102.0, "fault", "graph server of partition 0 exited with status -9"),
+    ]
+    log.write_text(
+        "".join(json.dumps({"time": t, "kind": k, "message": m}) + "\n" for t, k, m in entries)
+        + "not json\n"
+    )
+    error = explain_failure(RuntimeError("Training failed due to worker errors:"), log, 95.0)
+    assert isinstance(error, MagnetError)
+    assert str(error).startswith("distributed training failed: graph server of partition 1")
+    assert "all 2 note(s)" in str(error) and str(log) in str(error)
+    plain = RuntimeError("no note")
+    assert explain_failure(plain, log, 200.0) is plain

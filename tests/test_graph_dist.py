@@ -186,6 +186,39 @@ def test_stop_ends_servers_nobody_connected_to(tmp_path, graph_data):
     assert not psutil.pid_exists(pid)
 
 
+def test_watch_reports_a_dead_server_and_not_a_stopped_one(tmp_path, graph_data):
+    """The watcher names a server that dies (its status and log) and stays silent when the
+    servers are stopped on purpose."""
+    import signal
+    import threading
+
+    data, _ = graph_data
+    part_config = partition(data, 2, tmp_path / "parts")
+    servers = start_servers(
+        part_config, "127.0.0.1", free_base_port(count=2), log_dir=tmp_path / "logs", timeout_s=60
+    )
+    calls, fired = [], threading.Event()
+
+    def on_exit(part, code, message):
+        calls.append((part, code, message))
+        fired.set()
+
+    try:
+        threads = servers.watch(on_exit)
+        os.kill(servers.pids[1], signal.SIGKILL)
+        assert fired.wait(30), "the watcher did not report the killed server"
+        ((part, code, message),) = calls
+        assert (part, code) == (1, -signal.SIGKILL)
+        assert "graph server of partition 1" in message and "exited with status -9" in message
+        assert str(servers.logs[1]) in message and "serving" in message  # the log's tail
+    finally:
+        servers.stop()
+    for thread in threads:
+        thread.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert len(calls) == 1, calls  # stopping server 0 on purpose is not reported
+
+
 CONNECT_ONLY = """
 import sys
 from magnet_dist.errors import MagnetError

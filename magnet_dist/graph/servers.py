@@ -33,7 +33,6 @@ from magnet_dist.errors import MagnetError
 
 READY_POLL_S = 0.2
 PARENT_POLL_S = 1.0
-WATCH_POLL_S = 0.5
 GRAPH_FORMAT = "csc,coo"  # "csc" alone crashes the server on edge loading (DESIGN.md)
 
 
@@ -154,31 +153,37 @@ class ServerGroup:
                 return False
         return True
 
-    def watch(self, on_exit, poll_s: float = WATCH_POLL_S) -> threading.Thread:
+    def watch(self, on_exit) -> list[threading.Thread]:
         """Call ``on_exit(part, returncode, message)`` from a daemon thread as soon as one of
         these servers exits before :meth:`unwatch` / :meth:`stop` (a server that dies
-        mid-run: its clients would otherwise block in DGL's RPC until a watchdog fires).
-        ``message`` names the partition, the address, the exit status and the log."""
+        mid-run: its clients would otherwise block in DGL's RPC until a watchdog fires, or
+        abort on DGL's failed-send check without a word). One thread per server, blocked in
+        ``wait()`` rather than polling, so the cause is recorded before the worker's next
+        request to the dead server can abort the process. ``message`` names the partition,
+        the address, the exit status and the log."""
 
-        def loop() -> None:
-            while not self._stop_watch.wait(poll_s):
-                for part, proc in self.procs.items():
-                    code = proc.poll()
-                    if code is None or self._stop_watch.is_set():
-                        continue
-                    addr = self.addresses[part]
-                    on_exit(
-                        part,
-                        code,
-                        f"graph server of partition {part} (PID {proc.pid}, {addr.host}:"
-                        f"{addr.port}) exited with status {code} while training was running; "
-                        f"its log {self.logs.get(part)} ends with:\n{self.log_tail(part)}",
-                    )
-                    return
+        def wait_for(part: int, proc: subprocess.Popen) -> None:
+            code = proc.wait()
+            if self._stop_watch.is_set():
+                return
+            addr = self.addresses[part]
+            on_exit(
+                part,
+                code,
+                f"graph server of partition {part} (PID {proc.pid}, {addr.host}:"
+                f"{addr.port}) exited with status {code} while training was running; "
+                f"its log {self.logs.get(part)} ends with:\n{self.log_tail(part)}",
+            )
 
-        thread = threading.Thread(target=loop, daemon=True, name="magnet-server-watch")
-        thread.start()
-        return thread
+        threads = [
+            threading.Thread(
+                target=wait_for, args=(part, proc), daemon=True, name=f"magnet-server-watch-{part}"
+            )
+            for part, proc in self.procs.items()
+        ]
+        for thread in threads:
+            thread.start()
+        return threads
 
     def unwatch(self) -> None:
         """End :meth:`watch` (before the servers are expected to exit, e.g. ``exit_client``)."""

@@ -215,7 +215,7 @@ def check_resume_checkpoint(cfg: Config, experiment: Path) -> None:
 
 def explain_failure(error: BaseException, failure_log: Path, since: float) -> BaseException:
     """The error to raise for a failed ``trainer.fit()``: a MagnetError a worker raised (bad
-    input found inside a worker), else the last cause a worker recorded before it had to end
+    input found inside a worker), else the first cause a worker recorded before it had to end
     itself (a dead graph server, an RPC timeout), else Ray's error."""
     for exc in (getattr(error, "worker_failures", None) or {}).values():
         cause = getattr(exc, "_base_exc", exc)
@@ -237,8 +237,10 @@ def explain_failure(error: BaseException, failure_log: Path, since: float) -> Ba
             ):
                 notes.append(str(entry.get("message")))
     if notes:
+        # the first note is the cause; later ones are its consequences (a server of another
+        # worker seen dying while Ray tears that worker down, a watchdog firing on a peer)
         return MagnetError(
-            f"distributed training failed: {notes[-1]}\n(Ray Train: {str(error).splitlines()[0]}; "
-            f"every cause recorded by the workers is in {failure_log})"
+            f"distributed training failed: {notes[0]}\n(Ray Train: {str(error).splitlines()[0]}; "
+            f"all {len(notes)} note(s) the workers recorded are in {failure_log})"
         )
     return error

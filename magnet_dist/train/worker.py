@@ -299,7 +299,7 @@ class FaultHooks:
       step STEP is being written (its files are on disk, ``ray.train.report`` has not
       registered it);
     - ``MAGNET_FAULT_KILL_SERVER_AT_STEP``: the worker that started that partition's graph
-      server SIGKILLs the server after step STEP.
+      server SIGKILLs the server after step STEP, then waits for its server watcher.
 
     ``MAGNET_FAULT_MARKER=PATH``: a hook fires only if ``PATH.<hook>`` does not exist, and
     creates it first, so the restarted workers run on undisturbed.
@@ -339,6 +339,10 @@ class FaultHooks:
             for pid in servers.pids.values():
                 print(f"[fault] SIGKILL to graph server PID {pid} after step {step}", flush=True)
                 os.kill(pid, signal.SIGKILL)
+            # the server watcher ends this process within milliseconds; do not race it with
+            # the next step's request to the dead server (DGL's sender aborts the process on
+            # a failed send, before any cause is recorded: seen once in CI)
+            time.sleep(FAULT_SETTLE_S)
 
     def in_checkpoint(self, step: int) -> None:
         if self._due("KILL_IN_CHECKPOINT", step, self.rank):

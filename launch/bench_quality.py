@@ -41,7 +41,10 @@ VARIANTS: dict[str, list[str]] = {
     "no_moe": ["model.use_moe=false"],
     "free_experts": ["model.templates=false"],
     "single_stage": ["routing.two_stage=false"],
+    # content view and MoE off; its score still averages behaviour and content channels
     "lightgcn": ["model.variant=lightgcn"],
+    # the classic ID-only LightGCN (MMRec's tables): no content channels either
+    "lightgcn_id": ["model.variant=lightgcn", "model.content_channels=false"],
 }
 BASELINE = "lightgcn"
 METRICS = ["test.recall@20", "test.ndcg@20", "test.recall@10", "test.ndcg@10", "valid.recall@20"]

@@ -52,6 +52,9 @@ class ModelConfig(_Section):
     fusion: Literal["learned", "fixed"] = "learned"
     fusion_init: float = 0.5  # lambda_m at start (learned) or always (fixed)
     reg_weight: float = Field(1e-4, ge=0)  # lambda_reg on the batch embeddings
+    # item content features as channels of their own; False: ID embeddings only (with
+    # variant=lightgcn: the classic ID-only LightGCN of MMRec's tables)
+    content_channels: bool = True
 
     @model_validator(mode="after")
     def _lightgcn_is_all_off(self) -> ModelConfig:
@@ -59,6 +62,11 @@ class ModelConfig(_Section):
         if self.variant == "lightgcn":
             object.__setattr__(self, "content_view", False)
             object.__setattr__(self, "use_moe", False)
+        if self.use_moe and not self.content_channels:
+            raise ValueError(
+                "model.content_channels=false leaves one modality (behaviour), and the MoE "
+                "templates mix at least two: set model.use_moe=false too"
+            )
         return self
 
 

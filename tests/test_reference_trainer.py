@@ -100,6 +100,7 @@ def test_checkpoint_from_other_config_is_refused(tiny_dataset, tmp_path):
     "ablation",
     [
         ["model.variant=lightgcn"],
+        ["model.variant=lightgcn", "model.content_channels=false"],
         ["model.content_view=false"],
         ["model.use_moe=false"],
         ["model.templates=false"],
@@ -113,6 +114,19 @@ def test_ablations_train(tiny_dataset, tmp_path, ablation):
         tiny_cfg(tiny_dataset, tmp_path, "train.epochs=1", *ablation), progress=False
     )
     assert 0 < m["test.recall@20"] <= 1
+
+
+def test_id_only_model_ignores_content_and_needs_no_moe(tiny_dataset, tmp_path):
+    """model.content_channels=false: one channel (behaviour), no content projections, so the
+    score is the classic LightGCN dot product; with the MoE on it is a config error."""
+    from magnet_dist.data.dataset import load_dataset
+    from magnet_dist.model.magnet import MagnetModel
+
+    cfg = tiny_cfg(tiny_dataset, tmp_path, "model.variant=lightgcn", "model.content_channels=false")
+    model = MagnetModel(cfg, dict(load_dataset(tiny_dataset).modalities))
+    assert model.modalities == ["behaviour"] and len(model.encoder.projections) == 0
+    with pytest.raises(MagnetError, match="content_channels"):
+        tiny_cfg(tiny_dataset, tmp_path, "model.content_channels=false")
 
 
 def test_cli_train_prints_metrics(tiny_dataset, tmp_path, capsys):

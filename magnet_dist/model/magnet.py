@@ -36,10 +36,11 @@ class MagnetModel(nn.Module):
     def __init__(self, cfg: Config, content_dims: dict[str, int], moe: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
-        self.content_dims = dict(content_dims)
         m = cfg.model
+        # model.content_channels=false: the features stay in the data, the model ignores them
+        self.content_dims = dict(content_dims) if m.content_channels else {}
         self.encoder = DualViewEncoder(
-            content_dims, m.dim, m.layers, m.content_view, m.fusion, m.fusion_init
+            self.content_dims, m.dim, m.layers, m.content_view, m.fusion, m.fusion_init
         )
         self.modalities = self.encoder.modalities
         self.token_dim = len(self.modalities) * m.dim

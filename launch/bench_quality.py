@@ -46,7 +46,9 @@ VARIANTS: dict[str, list[str]] = {
     # the classic ID-only LightGCN (MMRec's tables): no content channels either
     "lightgcn_id": ["model.variant=lightgcn", "model.content_channels=false"],
 }
-BASELINE = "lightgcn"
+# MAGNET is compared with each baseline that ran: the all-off model (multimodal dot score)
+# and the classic ID-only LightGCN
+BASELINES = ("lightgcn", "lightgcn_id")
 METRICS = ["test.recall@20", "test.ndcg@20", "test.recall@10", "test.ndcg@10", "valid.recall@20"]
 # --quick: a tiny budget for a smoke test (a few steps, the stage switch still happens)
 QUICK = [
@@ -276,22 +278,29 @@ def summarise(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
     return out
 
 
-def comparison(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
-    """MAGNET vs the baseline on test Recall@20 / NDCG@20: gain of the means, the seed spread
+def comparisons(rows: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any]:
+    """MAGNET vs each baseline that ran (name -> :func:`comparison`)."""
+    return {
+        b: comparison(rows, summary, b) for b in BASELINES if "magnet" in summary and b in summary
+    }
+
+
+def comparison(
+    rows: list[dict[str, Any]], summary: dict[str, Any], baseline: str
+) -> dict[str, Any]:
+    """MAGNET vs ``baseline`` on test Recall@20 / NDCG@20: gain of the means, the seed spread
     (max of the two sample stds), and the paired per-seed gains."""
-    if "magnet" not in summary or BASELINE not in summary:
-        return None
     out: dict[str, Any] = {
-        "criterion": "mean(magnet) - mean(lightgcn) > max(std(magnet), std(lightgcn))"
+        "criterion": f"mean(magnet) - mean({baseline}) > max(std(magnet), std({baseline}))"
     }
     by_seed = {(r["variant"], r["seed"]): r for r in rows}
-    seeds = [s for s in summary["magnet"]["seeds"] if (BASELINE, s) in by_seed]
-    n_a, n_b = len(summary["magnet"]["seeds"]), len(summary[BASELINE]["seeds"])
+    seeds = [s for s in summary["magnet"]["seeds"] if (baseline, s) in by_seed]
+    n_a, n_b = len(summary["magnet"]["seeds"]), len(summary[baseline]["seeds"])
     for key in ["test.recall@20", "test.ndcg@20"]:
-        a, b = summary["magnet"][key], summary[BASELINE][key]
+        a, b = summary["magnet"][key], summary[baseline][key]
         gain = a["mean"] - b["mean"]
         spread = max(a["std"], b["std"])
-        paired = [by_seed[("magnet", s)][key] - by_seed[(BASELINE, s)][key] for s in seeds]
+        paired = [by_seed[("magnet", s)][key] - by_seed[(baseline, s)][key] for s in seeds]
         pm, ps = mean_std(paired)
         out[key] = {
             "gain": gain,
@@ -337,13 +346,13 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {_pm(s['test.recall@20'])} | {_pm(s['test.ndcg@20'])} | "
             f"{_pm(s['test.recall@10'])} | {_pm(s['test.ndcg@10'])} | {ep} | {wall} |"
         )
-    cmp_ = result.get("comparison")
-    if cmp_:
+    if result.get("comparisons"):
         lines.append("")
+    for baseline, cmp_ in (result.get("comparisons") or {}).items():
         for key in ["test.recall@20", "test.ndcg@20"]:
             c = cmp_[key]
             lines.append(
-                f"- MAGNET vs LightGCN {key}: gain {c['gain']:+.4f} "
+                f"- MAGNET vs {baseline} {key}: gain {c['gain']:+.4f} "
                 f"({100 * c['relative_gain']:+.1f}%), seed spread {c['spread']:.4f}, paired "
                 f"gain {c['paired_gain_mean']:+.4f} ± {c['paired_gain_std']:.4f} -> "
                 + (
@@ -424,7 +433,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "rows": [],
         "summary": {},
-        "comparison": None,
+        "comparisons": {},
         "finished": False,
     }
     t_start = time.time()
@@ -434,7 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         row = run_one(args, variant, seed)
         result["rows"].append(row)
         result["summary"] = summarise(result["rows"], args.variant_list)
-        result["comparison"] = comparison(result["rows"], result["summary"])
+        result["comparisons"] = comparisons(result["rows"], result["summary"])
         result["elapsed_seconds"] = time.time() - t_start
         write_results(out, result)
         wall = "reused" if row["reused"] else f"{row['wall_seconds']:.0f} s"

@@ -58,7 +58,8 @@ def test_quick_benchmark_writes_json_and_table(bench, tiny_dataset, tmp_path, ca
         s = on_disk["summary"][v]
         assert s["seeds"] == on_disk["seeds"]
         assert set(s["test.recall@20"]) == {"mean", "std"}
-    cmp_ = on_disk["comparison"]
+    assert list(on_disk["comparisons"]) == ["lightgcn"]  # lightgcn_id did not run
+    cmp_ = on_disk["comparisons"]["lightgcn"]
     assert set(cmp_["test.recall@20"]) >= {"gain", "spread", "beats", "paired_gains"}
     assert isinstance(cmp_["beats_both"], bool)  # 2 seeds a side: a verdict
     assert result["rows"] == rows
@@ -79,7 +80,7 @@ def test_quick_benchmark_writes_json_and_table(bench, tiny_dataset, tmp_path, ca
         "magnet": False,
         "lightgcn": True,
     }
-    assert changed["comparison"]["beats_both"] is None  # 1 seed a side: no verdict
+    assert changed["comparisons"]["lightgcn"]["beats_both"] is None  # 1 seed a side: no verdict
 
 
 def test_unknown_variant_is_refused(bench):

@@ -58,7 +58,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _lightgcn_is_all_off(self) -> ModelConfig:
-        """The LightGCN baseline is MAGNET with every component off (no content view, no MoE)."""
+        """The LightGCN baseline is MAGNET with every component off (no content view, no MoE);
+        the MoE needs a content channel beside behaviour."""
         if self.variant == "lightgcn":
             object.__setattr__(self, "content_view", False)
             object.__setattr__(self, "use_moe", False)

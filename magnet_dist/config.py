@@ -58,11 +58,16 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _lightgcn_is_all_off(self) -> ModelConfig:
-        """The LightGCN baseline is MAGNET with every component off (no content view, no MoE);
-        the MoE needs a content channel beside behaviour."""
+        """The LightGCN baseline is MAGNET with every component off (no content view, no MoE)."""
         if self.variant == "lightgcn":
             object.__setattr__(self, "content_view", False)
             object.__setattr__(self, "use_moe", False)
+        return self
+
+    @model_validator(mode="after")
+    def _moe_needs_content(self) -> ModelConfig:
+        """The MoE templates mix behaviour with at least one content channel (runs after
+        ``_lightgcn_is_all_off``, which turns the MoE off for the baseline)."""
         if self.use_moe and not self.content_channels:
             raise ValueError(
                 "model.content_channels=false leaves one modality (behaviour), and the MoE "

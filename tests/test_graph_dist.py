@@ -295,3 +295,46 @@ def test_servers_end_when_the_process_that_started_them_dies(tmp_path, graph_dat
         pass
     assert not psutil.pid_exists(pid)
     assert "parent process" in (tmp_path / "logs" / "server-0.log").read_text()
+
+
+@pytest.mark.parametrize("ray_kills_children", [False, True], ids=["job-env", "ray-default"])
+def test_ray_ending_a_worker_leaves_its_graph_server_to_us(
+    tmp_path, graph_data, ray_kills_children
+):
+    """Ray's core worker SIGKILLs its children while it ends itself, its threads still running:
+    the server watcher of a worker that Ray tears down (after another worker failed) can then
+    record a dead graph server that was only the teardown (found in CI). With the job's
+    ``RAY_WORKER_ENV`` Ray leaves the server alone: the watcher stays silent and the server
+    exits on its own once its parent is gone (its log says so). ``ray-default`` documents Ray's
+    behaviour without it (the server is killed before it can notice its parent's death)."""
+    import ray
+
+    from magnet_dist.config import load_config
+    from magnet_dist.train.distributed import RAY_WORKER_ENV, ray_cluster
+
+    part_config = partition(graph_data[0], 1, tmp_path / "parts")
+    reported = tmp_path / "reported"
+    env = {k: "1" for k in RAY_WORKER_ENV} if ray_kills_children else {}
+
+    @ray.remote(num_cpus=0, runtime_env={"env_vars": env})
+    class ServerOwner:
+        def start(self) -> int:
+            self.servers = start_servers(
+                part_config, "127.0.0.1", free_base_port(), log_dir=tmp_path / "logs"
+            )
+            self.servers.watch(lambda part, code, message: reported.write_text(message))
+            return self.servers.pids[0]
+
+    with ray_cluster(load_config(overrides=["train.workers=1"])):
+        owner = ServerOwner.remote()
+        pid = ray.get(owner.start.remote(), timeout=120)
+        ray.kill(owner)
+        try:
+            psutil.Process(pid).wait(timeout=20)
+        except psutil.NoSuchProcess:
+            pass
+    assert not psutil.pid_exists(pid), "the graph server outlived its worker"
+    ended_itself = "parent process" in (tmp_path / "logs" / "server-0.log").read_text()
+    assert ended_itself != ray_kills_children
+    if not ray_kills_children:
+        assert not reported.exists(), reported.read_text()

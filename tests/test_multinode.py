@@ -384,6 +384,7 @@ def test_job_on_two_nodes(tiny_dataset, tmp_path):
             assert key in metrics, metrics
         assert metrics["workers"] == 2 and metrics["partitions"] == 2, metrics
 
+        from magnet_dist.train.distributed import RAY_WORKER_ENV
         from magnet_dist.train.worker_info import read_workers
 
         workers = read_workers(run_dir)
@@ -395,6 +396,8 @@ def test_job_on_two_nodes(tiny_dataset, tmp_path):
         assert sorted(s["part"] for s in servers) == [0, 1], workers
         for w in workers:
             assert [s["host"] for s in w["graph_servers"]] == [w["node_ip"]], w
+            # the job's runtime_env merged with ours: Ray leaves the graph servers to us
+            assert w["ray_env"] == RAY_WORKER_ENV, w
         # the workers stopped their graph servers when the job ended
         deadline = time.monotonic() + 30
         while any(psutil.pid_exists(s["pid"]) for s in servers) and time.monotonic() < deadline:

@@ -54,6 +54,16 @@ def keep_ray_on_loopback() -> None:
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+# Ray's core worker SIGKILLs its child processes while it ends itself, with its threads still
+# running: when Ray tears a worker group down (another worker failed, or a restart), the
+# graph-server watcher of each healthy worker then saw its server die and recorded a "dead
+# graph server" that was only the teardown (a CI run's failures.log blamed partition 1 after
+# Ray had ended rank 1 because rank 0 died). The workers stop their servers themselves
+# (ServerGroup.stop; each server exits within a second of its parent's death), so a server's
+# death is only ever a real one: Ray's kill is switched off for this job's workers.
+RAY_WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
+
+
 @contextmanager
 def ray_cluster(cfg: Config):
     """Connect to ``trainer.ray_address`` / ``RAY_ADDRESS`` if given (``ray job submit`` sets
@@ -67,7 +77,8 @@ def ray_cluster(cfg: Config):
         yield
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        # merged with the runtime_env of `ray job submit` (Ray refuses a conflicting value)
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": RAY_WORKER_ENV})
     else:
         cpus = max(int(cfg.train.workers * cfg.train.cpus_per_worker) + 1, os.cpu_count() or 1)
         ray.init(
@@ -75,7 +86,7 @@ def ray_cluster(cfg: Config):
             include_dashboard=False,
             _node_ip_address=cfg.trainer.host,
             log_to_driver=True,
-            runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}},
+            runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_WORKER_ENV}},
         )
     try:
         yield
@@ -237,8 +248,8 @@ def explain_failure(error: BaseException, failure_log: Path, since: float) -> Ba
             ):
                 notes.append(str(entry.get("message")))
     if notes:
-        # the first note is the cause; later ones are its consequences (a server of another
-        # worker seen dying while Ray tears that worker down, a watchdog firing on a peer)
+        # the first note is the cause; later ones are its consequences (a watchdog firing on a
+        # peer of the worker whose server died)
         return MagnetError(
             f"distributed training failed: {notes[0]}\n(Ray Train: {str(error).splitlines()[0]}; "
             f"all {len(notes)} note(s) the workers recorded are in {failure_log})"

@@ -360,6 +360,24 @@ def _exit_on_server_death(part: int, code: int, message: str) -> None:
     os._exit(SERVER_DIED_EXIT)
 
 
+def warn_if_ray_kills_servers() -> None:
+    """Ray started by someone else (``ray.init`` before ``train_distributed``) without
+    :data:`~magnet_dist.train.distributed.RAY_WORKER_ENV`: a teardown may then be reported as a
+    dead graph server."""
+    from magnet_dist.train.distributed import RAY_WORKER_ENV
+
+    wrong = {k: os.environ.get(k) for k, v in RAY_WORKER_ENV.items() if os.environ.get(k) != v}
+    if wrong:
+        print(
+            f"magnet_dist: warning: this worker runs with {wrong} instead of {RAY_WORKER_ENV}: "
+            "Ray kills the graph servers when it ends the worker, and a worker group torn down "
+            "after another failure may record that as a dead graph server; start Ray with "
+            f'runtime_env={{"env_vars": {RAY_WORKER_ENV}}}',
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: set up, for each epoch: for each batch: step; evaluate; report."""
     import ray.train
@@ -392,6 +410,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg, ctx, Path(config["part_config"]), int(config["base_port"]), run_dir / "logs"
     )
     if servers is not None:
+        warn_if_ray_kills_servers()
         servers.watch(_exit_on_server_death)
     record_worker(run_dir, rank, world, ctx.part, servers)
     client = connect(

@@ -42,7 +42,10 @@ def main() -> None:
     parser.add_argument("--dims", default="128,384", help="one feature size per modality")
     parser.add_argument("--clusters", type=int, default=1000)
     parser.add_argument("--noise", type=float, default=0.75)
-    parser.add_argument("--threads", type=int, default=-1, help="HNSW threads (-1: all cores)")
+    parser.add_argument("--threads", type=int, default=-1, help="query threads (-1: all cores)")
+    parser.add_argument(
+        "--build-threads", type=int, default=1, help="index-building threads (1: reproducible)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", default="runs/bench_content.json")
@@ -61,7 +64,12 @@ def main() -> None:
     gen_s = time.perf_counter() - t0
     rss_before = peak_rss_mb()
     src, dst, weight, report = build_content_edges(
-        features, cfg, seed=args.seed, progress=not args.quiet, num_threads=args.threads
+        features,
+        cfg,
+        seed=args.seed,
+        progress=not args.quiet,
+        num_threads=args.threads,
+        build_threads=args.build_threads,
     )
     print(format_report(report))
     result = {
@@ -70,6 +78,7 @@ def main() -> None:
         "clusters": args.clusters,
         "noise": args.noise,
         "threads": args.threads,
+        "build_threads": args.build_threads,
         "machine": {"cpus": len(os.sched_getaffinity(0)), "python": platform.python_version()},
         "generate_s": round(gen_s, 2),
         "build_total_s": report["total_s"],

@@ -235,10 +235,11 @@ def build_item_index(
     m: int = 16,
     ef_construction: int = 200,
     seed: int = 0,
-    num_threads: int = -1,
+    num_threads: int = 1,
     progress: bool = True,
 ) -> hnswlib.Index:
-    """HNSW index over item vectors for maximum inner product search."""
+    """HNSW index over item vectors for maximum inner product search (one inserting thread by
+    default, so the candidates are reproducible: see :func:`magnet_dist.graph.hnsw.build_index`)."""
     return build_index(
         item_vecs,
         space="ip",
@@ -272,12 +273,13 @@ def retrieve_candidates(
     with m / ef_construction). With ``exclude`` (a CSR indexed by ``users[row]``, default
     row number) each user's excluded items are skipped, so N candidates remain for re-ranking.
     ``ef`` (search breadth, default 2N) is raised to the number of results asked for.
+    ``num_threads`` query the index (building it takes one thread: reproducible candidates).
     """
     user_vecs = np.ascontiguousarray(user_vecs, dtype=np.float32)
     num_items = len(item_vecs)
     width = min(n, num_items)
     if index is None:
-        index = build_item_index(item_vecs, m, ef_construction, seed, num_threads, progress)
+        index = build_item_index(item_vecs, m, ef_construction, seed, progress=progress)
     ef = 2 * width if ef is None else ef
     out = np.full((len(user_vecs), width), -1, dtype=np.int64)
     if width == 0:

@@ -124,9 +124,13 @@ def modality_knn(
     name: str = "",
     seed: int = 0,
     num_threads: int = -1,
+    build_threads: int = 1,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """The k nearest items of every item by cosine (self excluded): labels, cosines, report."""
+    """The k nearest items of every item by cosine (self excluded): labels, cosines, report.
+
+    ``num_threads`` query the index; ``build_threads`` insert into it (1, the default, keeps
+    the result reproducible: see :func:`~magnet_dist.graph.hnsw.build_index`)."""
     n = x.shape[0]
     xn = l2_normalise(x)
     t0 = time.perf_counter()
@@ -136,7 +140,7 @@ def modality_knn(
         m=cfg.hnsw_m,
         ef_construction=cfg.hnsw_ef_construction,
         seed=seed,
-        num_threads=num_threads,
+        num_threads=build_threads,
         progress=progress,
         desc=f"HNSW build [{name}]",
     )
@@ -228,11 +232,14 @@ def build_content_edges(
     seed: int = 0,
     progress: bool = True,
     num_threads: int = -1,
+    build_threads: int = 1,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
     """Fused, symmetric item-item KNN edges over the content modalities, and a build report.
 
     ``features[c]`` is the [num_items, d_c] feature matrix of modality c (rows = item ids).
-    Returns (src int64, dst int64, weight float32, report). ``num_threads=-1``: all cores.
+    Returns (src int64, dst int64, weight float32, report). ``num_threads``: threads that query
+    the HNSW indexes (-1: all cores); ``build_threads``: threads that build them (default 1:
+    the same input gives the same edges; more is faster and not reproducible).
     """
     num_items = _check_features(features)
     weights = _modality_weights(list(features), cfg)
@@ -249,7 +256,14 @@ def build_content_edges(
             per_modality[name] = {"dim": int(x.shape[1]), "weight": weights[name], "k": 0}
             continue
         labels, sims, rep = modality_knn(
-            x, k_mod, cfg, name=name, seed=seed, num_threads=num_threads, progress=progress
+            x,
+            k_mod,
+            cfg,
+            name=name,
+            seed=seed,
+            num_threads=num_threads,
+            build_threads=build_threads,
+            progress=progress,
         )
         neighbours[name] = (labels, sims)
         per_modality[name] = {"weight": round(weights[name], 6), **rep}
@@ -259,7 +273,12 @@ def build_content_edges(
         "num_items": int(num_items),
         "content_k": k_fused,
         "per_modality_k": k_mod,
-        "hnsw": {"M": cfg.hnsw_m, "ef_construction": cfg.hnsw_ef_construction, "ef": cfg.hnsw_ef},
+        "hnsw": {
+            "M": cfg.hnsw_m,
+            "ef_construction": cfg.hnsw_ef_construction,
+            "ef": cfg.hnsw_ef,
+            "build_threads": build_threads,
+        },
         "modalities": per_modality,
         "edges": int(len(src)),  # directed rows written (each undirected pair twice)
         "mean_degree": round(float(degree.mean()) if num_items else 0.0, 3),
@@ -291,7 +310,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [
         f"content edges: {report['num_items']} items, k={report['content_k']} "
         f"(per modality {report['per_modality_k']}), HNSW M={report['hnsw']['M']} "
-        f"ef_construction={report['hnsw']['ef_construction']} ef={report['hnsw']['ef']}",
+        f"ef_construction={report['hnsw']['ef_construction']} ef={report['hnsw']['ef']} "
+        f"build threads={report['hnsw'].get('build_threads', 'all')}",
         f"  {'modality':<12}{'dim':>6}{'weight':>8}{'recall@k':>10}{'build s':>9}"
         f"{'query s':>9}{'build it/s':>12}{'query it/s':>12}",
     ]
@@ -406,7 +426,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="prepared dataset folder (manifest.json)")
     parser.add_argument("--config", default=None, help="YAML config file (graph section is used)")
     parser.add_argument("--seed", type=int, default=0, help="HNSW and recall-sample seed")
-    parser.add_argument("--threads", type=int, default=-1, help="HNSW threads (-1: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=-1, help="threads querying the HNSW indexes (-1: all cores)"
+    )
+    parser.add_argument(
+        "--build-threads",
+        type=int,
+        default=1,
+        help="threads building the HNSW indexes (default 1: the same data gives the same edges; "
+        "more is faster, but the edges then depend on thread timing; -1: all cores)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars or report")
     parser.add_argument(
         "overrides",
@@ -423,7 +452,12 @@ def main(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data)
     features = {name: dataset.features(name) for name in dataset.modalities}
     src, dst, weight, report = build_content_edges(
-        features, cfg.graph, seed=args.seed, progress=not args.quiet, num_threads=args.threads
+        features,
+        cfg.graph,
+        seed=args.seed,
+        progress=not args.quiet,
+        num_threads=args.threads,
+        build_threads=args.build_threads,
     )
     path = write_content_edges(args.data, src, dst, weight, report)
     if not args.quiet:

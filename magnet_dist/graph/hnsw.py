@@ -29,11 +29,16 @@ def build_index(
     m: int,
     ef_construction: int,
     seed: int = 0,
-    num_threads: int = -1,
+    num_threads: int = 1,
     progress: bool = True,
     desc: str = "HNSW build",
 ) -> hnswlib.Index:
-    """An hnswlib index over ``vectors`` (labels 0..n-1), added in chunks with a progress bar."""
+    """An hnswlib index over ``vectors`` (labels 0..n-1), added in chunks with a progress bar.
+
+    One inserting thread by default: with several, the graph hnswlib builds (and so the
+    neighbours it finds) depends on thread timing, and two builds of the same data differ
+    (measured on MovieLens content edges: 22,202 / 22,562 / 23,544 edges in three builds with
+    all cores, identical builds with one). Queries do not change the index: they stay parallel."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     n, dim = vectors.shape
     index = hnswlib.Index(space=space, dim=dim)

@@ -493,6 +493,25 @@ def _result(ranks, name):
 # ---------------------------------------------------------------------------------------------
 
 
+def test_importing_deepspeed_forks_no_compile_workers():
+    """``import deepspeed`` imports torch's inductor, which forks one compile worker per core at
+    import unless TORCHINDUCTOR_COMPILE_THREADS says otherwise (2 forks here before the fix):
+    copies of every Ray worker that also abort noisily when Ray ends the worker."""
+    import subprocess
+    import sys
+
+    code = (
+        "import psutil, magnet_dist.parallel.expert_parallel, deepspeed; "
+        "print(len(psutil.Process().children(recursive=True)))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_COMPILE_THREADS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "0", out.stdout
+
+
 def test_ep_size_must_divide_experts_and_world():
     with pytest.raises(
         ConfigError, match=r"moe.ep_size=4 .* E=18 .* W=2; values that work: \[1, 2\]"

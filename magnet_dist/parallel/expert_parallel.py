@@ -35,14 +35,11 @@ from magnet_dist.model.router import (
     queue_positions,
     routing_stats,
 )
-from magnet_dist.parallel.groups import ExpertParallelGroups
+from magnet_dist.parallel.groups import ExpertParallelGroups, prepare_deepspeed_import
 
-try:  # DeepSpeed is imported lazily by groups.py (to pick the CPU accelerator first); the
-    # classes below subclass DeepSpeed's, so importing this module imports DeepSpeed.
-    import os as _os
-
-    if not torch.cuda.is_available():
-        _os.environ.setdefault("DS_ACCELERATOR", "cpu")
+try:  # DeepSpeed is imported lazily by groups.py (its environment set first); the classes
+    # below subclass DeepSpeed's, so importing this module imports DeepSpeed.
+    prepare_deepspeed_import()
     import deepspeed.comm as ds_dist
     from deepspeed.moe.experts import Experts
     from deepspeed.moe.layer import MoE

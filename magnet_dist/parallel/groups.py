@@ -42,6 +42,20 @@ def group_name(ep_size: int) -> str:
     return f"ep_size_{ep_size}"
 
 
+def prepare_deepspeed_import() -> None:
+    """Set what DeepSpeed reads when it is imported (an explicit setting is kept):
+
+    - no GPU: DeepSpeed's CPU accelerator (it would otherwise probe for CUDA and fail);
+    - ``TORCHINDUCTOR_COMPILE_THREADS=1``: ``import deepspeed`` imports torch's inductor, which
+      forks min(32, cores) compile workers at import (``AsyncCompile.warm_pool``). magnet_dist
+      never compiles with inductor; those forks are copies of a Ray worker (its memory counted
+      again, one per core on a big node) that inherit DGL's SIGINT handler and abort with
+      stack traces when Ray ends the worker (seen in the quick start's output)."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+
 def init_deepspeed_comm(backend: str | None = None) -> None:
     """Make DeepSpeed's comm layer reuse the torch.distributed world (created by Ray Train or
     ``dist.init_process_group``); on CPU select DeepSpeed's CPU accelerator and skip its
@@ -51,8 +65,7 @@ def init_deepspeed_comm(backend: str | None = None) -> None:
             "torch.distributed is not initialised: create the process group first "
             "(Ray Train's TorchTrainer does; in scripts call dist.init_process_group)"
         )
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    prepare_deepspeed_import()
     import deepspeed
     import deepspeed.comm as ds_dist
 

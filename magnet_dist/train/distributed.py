@@ -64,6 +64,22 @@ def keep_ray_on_loopback() -> None:
 RAY_WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
+PLACEMENT_GROUP_CLEANER_LOGGER = (
+    "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+)
+
+
+def quiet_placement_group_cleaner() -> None:
+    """Worker setup hook of the embedded cluster. Ray Train's placement-group cleaner asks the
+    state API every second whether the Train controller still lives; the state API is served by
+    the dashboard, which the embedded cluster does not start (it would add ~1 GB of processes),
+    so the cleaner logged a warning every second (~230 lines in a quick start). Its job, removing
+    the placement group of a controller that died, is done here by ``ray.shutdown()``."""
+    import logging
+
+    logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
 @contextmanager
 def ray_cluster(cfg: Config):
     """Connect to ``trainer.ray_address`` / ``RAY_ADDRESS`` if given (``ray job submit`` sets
@@ -86,7 +102,10 @@ def ray_cluster(cfg: Config):
             include_dashboard=False,
             _node_ip_address=cfg.trainer.host,
             log_to_driver=True,
-            runtime_env={"env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_WORKER_ENV}},
+            runtime_env={
+                "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_WORKER_ENV},
+                "worker_process_setup_hook": f"{__name__}.{quiet_placement_group_cleaner.__name__}",
+            },
         )
     try:
         yield
@@ -126,8 +145,8 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     check_resume_checkpoint(cfg, storage / cfg.train.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    # the servers of a failed worker group are SIGKILLed by Ray: clean their shared memory
-    # once Ray is done (on leaving both blocks)
+    # graph servers that were SIGKILLed (a fault, the OOM killer) leave shared memory behind:
+    # clean it once Ray is done (on leaving both blocks)
     with _remove_dead_segments_after(run_dir), ray_cluster(cfg):
         trainer = TorchTrainer(
             train_loop_per_worker,

@@ -404,7 +404,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     os.environ[FAULT_LOG_ENV] = str(run_dir / FAILURE_LOG)
     faults = FaultHooks({**os.environ, **config.get("faults", {})}, rank, ctx.part)
 
-    # servers of this rank's previous worker group (a restart) that Ray SIGKILLed
+    # servers of this rank's previous worker group (a restart) that were SIGKILLed
     remove_dead_server_segments(run_dir, ranks=[rank])
     servers, ip_config, workdir = start_partition_server(
         cfg, ctx, Path(config["part_config"]), int(config["base_port"]), run_dir / "logs"
@@ -672,9 +672,9 @@ def remove_dead_server_segments(run_dir: Path, ranks=None, wait_s: float = 0.0) 
     """Remove the /dev/shm segments of this host's graph servers recorded in
     ``<run_dir>/workers/`` (the last worker group) that are no longer running.
 
-    A server cleans its segments when it exits on its own or sees its worker gone, but Ray
-    SIGKILLs a worker's child processes when it tears a worker group down after a failure, and
-    a SIGKILLed server leaves them behind. Called by each worker before it records a restarted
+    A server cleans its segments when it exits on its own or sees its worker gone; a SIGKILLed
+    server (the OOM killer, a fault test, Ray's own child kill where the job runs without
+    ``RAY_WORKER_ENV``, Ray's process-group cleanup) leaves them behind. Called by each worker before it records a restarted
     group (``ranks``: its own rank) and by the driver after ``fit()``. ``wait_s``: how long to
     wait for recorded servers to exit first. Returns the tags removed."""
     import socket

@@ -264,6 +264,47 @@ def test_client_waiting_for_missing_peers_is_ended_by_the_watchdog(tmp_path, gra
     assert "timed out after 13 s waiting for the graph servers" in res.stderr
 
 
+CONNECT_AND_WAIT = """
+import sys, time
+from magnet_dist.graph.dist import connect
+connect(sys.argv[1], sys.argv[2], 0, timeout_s=60)
+print("connected", flush=True)
+time.sleep(120)
+"""
+
+
+def test_client_keeps_the_process_signal_handlers(tmp_path, graph_data):
+    """DGL's client replaces SIGTERM's handler with one that calls exit() inside the handler (and
+    says "User pressed Ctrl+C"); Ray ends a worker with SIGTERM, which then aborted or segfaulted
+    finished workers. A magnet_dist client keeps the process's handler: SIGTERM ends it as it
+    would any Python process."""
+    import signal
+
+    part_config = partition(graph_data[0], 1, tmp_path / "parts")
+    with start_servers(part_config, "127.0.0.1", free_base_port(), log_dir=tmp_path / "logs"):
+        proc = subprocess.Popen(
+            [sys.executable, "-c", CONNECT_AND_WAIT, str(part_config)]
+            + [str(tmp_path / "logs" / "ip_config.txt")],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        try:
+            seen = []
+            for line in proc.stdout:
+                seen.append(line)
+                if line.startswith("connected"):
+                    break
+            assert seen and seen[-1].startswith("connected"), "".join(seen)
+            proc.send_signal(signal.SIGTERM)
+            out = proc.communicate(timeout=30)[0]
+        finally:
+            proc.kill()
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, out)
+    assert "User pressed Ctrl+C" not in out, out
+
+
 START_AND_DIE = """
 import os, sys
 from magnet_dist.graph.servers import start_servers

@@ -19,6 +19,12 @@ DGL 2.1 assumes one partition per machine (DESIGN.md, "DGL distributed on one ho
    not reproducible, and not resumable from a checkpoint. Here a sampling request carries a
    seed chosen by the client (:func:`sampling_seed`, derived from (seed, epoch, step, rank)) and
    the server reseeds DGL's generator with it before serving that request.
+4. A DGL client installs a C-level SIGINT/SIGTERM handler that logs "User pressed Ctrl+C" and
+   calls ``exit(1)`` from inside the signal handler. In a Ray worker, the raylet ends the worker
+   with SIGTERM after the run: DGL's handler then ran the process's exit while its threads
+   still ran, and the worker aborted or segfaulted at the end of a finished run (stack traces
+   in the quick start's output; the SIGTERM sender seen with strace). magnet_dist's clients keep
+   the process's own handlers (Ray's, Python's); the servers keep DGL's.
 
 The patches live in this imported module (not inside a function) so that processes which import
 DGL through magnet_dist get them; the per-process values come from ``MAGNET_DGL_PART`` /
@@ -37,6 +43,7 @@ from dgl._ffi import ndarray as _ndarray
 from dgl.distributed import dist_graph as _dist_graph
 from dgl.distributed import graph_services as _graph_services
 from dgl.distributed import kvstore as _kvstore
+from dgl.distributed import rpc as _rpc
 from dgl.distributed import rpc_client as _rpc_client
 
 ENV_PART = "MAGNET_DGL_PART"
@@ -51,6 +58,7 @@ _orig_req_init = _Request.__init__
 _orig_req_getstate = _Request.__getstate__
 _orig_req_setstate = _Request.__setstate__
 _orig_req_process = _Request.process_request
+_orig_register_sig_handler = _rpc.register_sig_handler
 
 # client side: the seed of the sampling requests being issued (None: server's own stream)
 _sampling: dict[str, int | None] = {"base": None, "count": 0}
@@ -159,6 +167,12 @@ def _req_process(self, server_state):
     return _orig_req_process(self, server_state)
 
 
+def _register_sig_handler():
+    if os.environ.get("DGL_ROLE") == "client" and current_partition() is not None:
+        return  # a magnet_dist client (patch 4)
+    _orig_register_sig_handler()
+
+
 _Request.__init__ = _req_init
 _Request.__getstate__ = _req_getstate
 _Request.__setstate__ = _req_setstate
@@ -167,3 +181,4 @@ _rpc_client.get_local_machine_id = _get_local_machine_id
 _kvstore.empty_shared_mem = _kv_empty_shared_mem
 _dist_graph._get_graph_from_shared_mem = _graph_from_shm
 _dist_graph.get_shared_mem_partition_book = _gpb_from_shm
+_rpc.register_sig_handler = _register_sig_handler

@@ -48,9 +48,9 @@ def prepare_deepspeed_import() -> None:
     - no GPU: DeepSpeed's CPU accelerator (it would otherwise probe for CUDA and fail);
     - ``TORCHINDUCTOR_COMPILE_THREADS=1``: ``import deepspeed`` imports torch's inductor, which
       forks min(32, cores) compile workers at import (``AsyncCompile.warm_pool``). magnet_dist
-      never compiles with inductor; those forks are copies of a Ray worker (its memory counted
-      again, one per core on a big node) that inherit DGL's SIGINT handler and abort with
-      stack traces when Ray ends the worker (seen in the quick start's output)."""
+      never compiles with inductor; those forks were copies of a Ray worker (its memory counted
+      again, one per core on a big node) that aborted with stack traces when Ray ended the
+      worker (seen in the quick start's output)."""
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")

@@ -64,6 +64,12 @@ def keep_ray_on_loopback() -> None:
 RAY_WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
 
 
+def ray_worker_env_as_seen() -> dict[str, str | None]:
+    """The variables of :data:`RAY_WORKER_ENV` as this process got them (in a worker: the
+    job's runtime_env, merged with that of ``ray job submit``)."""
+    return {k: os.environ.get(k) for k in RAY_WORKER_ENV}
+
+
 PLACEMENT_GROUP_CLEANER_LOGGER = (
     "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 )

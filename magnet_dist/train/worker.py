@@ -364,12 +364,12 @@ def warn_if_ray_kills_servers() -> None:
     """Ray started by someone else (``ray.init`` before ``train_distributed``) without
     :data:`~magnet_dist.train.distributed.RAY_WORKER_ENV`: a teardown may then be reported as a
     dead graph server."""
-    from magnet_dist.train.distributed import RAY_WORKER_ENV
+    from magnet_dist.train.distributed import RAY_WORKER_ENV, ray_worker_env_as_seen
 
-    wrong = {k: os.environ.get(k) for k, v in RAY_WORKER_ENV.items() if os.environ.get(k) != v}
-    if wrong:
+    seen = ray_worker_env_as_seen()
+    if seen != RAY_WORKER_ENV:
         print(
-            f"magnet_dist: warning: this worker runs with {wrong} instead of {RAY_WORKER_ENV}: "
+            f"magnet_dist: warning: this worker runs with {seen} instead of {RAY_WORKER_ENV}: "
             "Ray kills the graph servers when it ends the worker, and a worker group torn down "
             "after another failure may record that as a dead graph server; start Ray with "
             f'runtime_env={{"env_vars": {RAY_WORKER_ENV}}}',
@@ -674,9 +674,10 @@ def remove_dead_server_segments(run_dir: Path, ranks=None, wait_s: float = 0.0) 
 
     A server cleans its segments when it exits on its own or sees its worker gone; a SIGKILLed
     server (the OOM killer, a fault test, Ray's own child kill where the job runs without
-    ``RAY_WORKER_ENV``, Ray's process-group cleanup) leaves them behind. Called by each worker before it records a restarted
-    group (``ranks``: its own rank) and by the driver after ``fit()``. ``wait_s``: how long to
-    wait for recorded servers to exit first. Returns the tags removed."""
+    ``RAY_WORKER_ENV``, Ray's process-group cleanup) leaves them behind. Called by each worker
+    before it records a restarted group (``ranks``: its own rank) and by the driver after
+    ``fit()``. ``wait_s``: how long to wait for recorded servers to exit first. Returns the
+    tags removed."""
     import socket
 
     import psutil

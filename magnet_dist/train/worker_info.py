@@ -25,7 +25,7 @@ def record_worker(run_dir: Path, rank: int, world: int, part: int, servers=None)
     started, if any. Call inside a Ray worker (after ``ray.train`` set up the context)."""
     import ray
 
-    from magnet_dist.train.distributed import RAY_WORKER_ENV
+    from magnet_dist.train.distributed import ray_worker_env_as_seen
 
     rc = ray.get_runtime_context()
     graph_servers: list[dict[str, Any]] = []
@@ -43,7 +43,7 @@ def record_worker(run_dir: Path, rank: int, world: int, part: int, servers=None)
         "pid": os.getpid(),
         "graph_servers": graph_servers,
         # the Ray settings the job asked for, as this worker got them (merged runtime_env)
-        "ray_env": {k: os.environ.get(k) for k in RAY_WORKER_ENV},
+        "ray_env": ray_worker_env_as_seen(),
         "time": time.time(),
     }
     path = Path(run_dir) / WORKERS_DIR / f"rank{rank}.json"

@@ -351,18 +351,20 @@ def test_ray_ending_a_worker_leaves_its_graph_server_to_us(
     import ray
 
     from magnet_dist.config import load_config
+    from magnet_dist.graph._dgl_patches import shm_tag
+    from magnet_dist.graph.servers import _remove_shm_segments
     from magnet_dist.train.distributed import RAY_WORKER_ENV, ray_cluster
 
     part_config = partition(graph_data[0], 1, tmp_path / "parts")
     reported = tmp_path / "reported"
     env = {k: "1" for k in RAY_WORKER_ENV} if ray_kills_children else {}
+    port = free_base_port()
+    segments = f"*{shm_tag(0, port)}"
 
     @ray.remote(num_cpus=0, runtime_env={"env_vars": env})
     class ServerOwner:
         def start(self) -> int:
-            self.servers = start_servers(
-                part_config, "127.0.0.1", free_base_port(), log_dir=tmp_path / "logs"
-            )
+            self.servers = start_servers(part_config, "127.0.0.1", port, log_dir=tmp_path / "logs")
             self.servers.watch(lambda part, code, message: reported.write_text(message))
             return self.servers.pids[0]
 
@@ -374,8 +376,11 @@ def test_ray_ending_a_worker_leaves_its_graph_server_to_us(
             psutil.Process(pid).wait(timeout=20)
         except psutil.NoSuchProcess:
             pass
+    left = sorted(p.name for p in Path("/dev/shm").glob(segments))
+    _remove_shm_segments(shm_tag(0, port))  # a SIGKILLed server's (ray-default) stay behind
     assert not psutil.pid_exists(pid), "the graph server outlived its worker"
     ended_itself = "parent process" in (tmp_path / "logs" / "server-0.log").read_text()
     assert ended_itself != ray_kills_children
     if not ray_kills_children:
         assert not reported.exists(), reported.read_text()
+        assert left == [], left  # the server removed its shared memory itself

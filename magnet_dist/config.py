@@ -7,16 +7,24 @@ wrong types are rejected at load time with the key path (pydantic, ``extra="forb
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from magnet_dist.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` are YAML floats, and no knob means anything at inf
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(_Section):
@@ -103,6 +111,10 @@ class MoEConfig(_Section):
 
 class RoutingConfig(_Section):
     two_stage: bool = True  # ablation "single-stage": False (coverage losses throughout)
+    # What the trigger watches: "hard" = H_load, the entropy of the actual Top-K assignments;
+    # "soft" = H_use on the mean probabilities (the spec's literal reading, ~1 from the start
+    # and blind to collapse; see docs/routing.md)
+    trigger_on: Literal["hard", "soft"] = "hard"
     ema_decay: float = Field(0.9, ge=0, lt=1)  # mu
     tau: float = Field(0.9, ge=0, le=1)
     window: int = Field(50, ge=1)  # W
@@ -129,13 +141,13 @@ class TrainConfig(_Section):
     seed: int = 2024
     eval_every: int = Field(1, ge=1)
     patience: int = Field(10, ge=1)  # evaluations without valid recall@20 gain
-    sampled: bool = False  # reference trainer: sampled blocks instead of the full graph
-    fanouts: list[int] = [10, 10]  # neighbours per layer and edge type (input side first); -1 = all
+    # neighbours per layer and edge type (input side first), one per model.layers; -1 = all
+    fanouts: list[Annotated[int, Field(ge=-1)]] = [10, 10]
     # Scale sampled messages by degree/sampled so they estimate full-graph propagation.
     sample_rescale: bool = True
     max_steps_per_epoch: int | None = None
     run_dir: str | None = None  # default: runs/<run_name>
-    run_name: str = "quickstart"
+    run_name: str = "quickstart"  # a folder name under runs/ (no path separators, not '..')
     storage_path: str | None = None  # Ray Train storage; default: <run_dir>/ray
     checkpoint_every: int = Field(1, ge=1)  # epochs
     # distributed: also checkpoint every N training steps (0 = only at epoch ends), with the
@@ -147,11 +159,37 @@ class TrainConfig(_Section):
     use_gpu: bool = False  # one GPU per worker; NCCL instead of gloo
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
 
+    @field_validator("fanouts")
+    @classmethod
+    def _fanouts_are_counts(cls, value: list[int]) -> list[int]:
+        if 0 in value:
+            raise ValueError("a fanout of 0 samples no neighbour; use a count >= 1, or -1 for all")
+        return value
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name_is_one_folder(cls, value: str) -> str:
+        """runs/<run_name> (and Ray's <storage>/<run_name>) must stay inside its parent."""
+        if not value or value in (".", "..") or "/" in value or "\\" in value or "\0" in value:
+            raise ValueError(
+                f"{value!r} is not a folder name: no path separators, not '.' or '..'; "
+                "use train.run_dir to place the run folder elsewhere"
+            )
+        return value
+
 
 class TrainerConfig(_Section):
     mode: Literal["reference", "distributed"] = "reference"
     ray_address: str | None = None  # None: existing cluster if RAY_ADDRESS, else embedded local
-    host: str = "127.0.0.1"  # bind address for embedded Ray and DGL servers
+    # address the graph servers bind (and an embedded Ray's node IP): loopback by default;
+    # "node" = each node's Ray IP (clusters); "0.0.0.0" only if asked (clients dial the node IP)
+    host: str = "127.0.0.1"
+    # network interface of multi-NIC nodes (e.g. eth1): gloo's GLOO_SOCKET_IFNAME, and with
+    # host "node" the address the graph servers bind and the DGL clients listen on
+    interface: str | None = None
+    # DGL clients' connect-back ports ("LOW-HIGH"); None: the kernel's ephemeral range
+    client_ports: str | None = Field(None, pattern=r"^\d+-\d+$")
+    server_threads: int = Field(1, ge=1)  # OpenMP/torch threads of each graph server
     server_port: int = Field(
         0, ge=0
     )  # first graph-server port (+1 per partition); 0 = pick free ports
@@ -159,7 +197,7 @@ class TrainerConfig(_Section):
 
 
 class EvalConfig(_Section):
-    ks: list[int] = [10, 20]
+    ks: list[Annotated[int, Field(ge=1)]] = [10, 20]  # cut-offs K; must hold 20 (selection)
     user_chunk: int = Field(1024, ge=1)
     item_chunk: int = Field(65536, ge=1)
     two_stage_above_items: int = Field(200_000, ge=1)  # catalogue size for retrieve-then-rerank
@@ -168,6 +206,18 @@ class EvalConfig(_Section):
     # with full neighbourhoods). False: no in-loop ranking; the last epoch's model is exported as
     # checkpoints/best.pt for `magnet-dist evaluate` (large graphs, e.g. the 1M scale run).
     in_loop: bool = True
+
+    @field_validator("ks")
+    @classmethod
+    def _ks_hold_the_selection_cutoff(cls, value: list[int]) -> list[int]:
+        """Model selection and early stopping read valid Recall@20 (train/common.py)."""
+        if len(set(value)) != len(value):
+            raise ValueError(f"repeated cut-off in {value}; list each K once")
+        if 20 not in value:
+            raise ValueError(
+                f"{value} lacks 20: model selection uses valid Recall@20; e.g. [10, 20]"
+            )
+        return value
 
 
 class Config(_Section):
@@ -197,6 +247,16 @@ class Config(_Section):
                     f"moe.ep_size={self.moe.ep_size} must divide both the number of experts "
                     f"E={n_experts} and train.workers={world}; values that work: {ok}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _fanouts_fit_layers(self) -> Config:
+        """The sampler draws one hop per layer: ``len(train.fanouts)`` must be ``model.layers``."""
+        if len(self.train.fanouts) != self.model.layers:
+            raise ValueError(
+                f"train.fanouts={self.train.fanouts} has {len(self.train.fanouts)} value(s) but "
+                f"model.layers={self.model.layers}: give one fanout per layer"
+            )
         return self
 
     @property
@@ -232,8 +292,130 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else None)
+        value = _parse_yaml(raw, f"override {item!r}") if raw != "" else None
+        _set_dotted(tree, key.strip(), value)
     return tree
+
+
+# Largest config a YAML file may expand to (nodes, aliases expanded): a real config has a few
+# hundred; "billion laughs" (nested aliases) reaches billions from a 1 KB file.
+MAX_CONFIG_NODES = 100_000
+MAX_SHOWN_INPUT = 80  # characters of a rejected value echoed in an error message
+# Keys that existed and were never read: accepted at their old default (a run folder's
+# config.yaml written before their removal holds them), refused otherwise.
+REMOVED_KEYS = {("train", "sampled"): False}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and configs whose aliases expand too far."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if not isinstance(key, list | dict) and key in seen:
+                    raise ConfigError(
+                        f"duplicate key {key!r} at line {line} (first at line {seen[key]}); "
+                        "a key may appear once per section"
+                    )
+                if not isinstance(key, list | dict):
+                    seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """Nodes of the tree with every alias expanded (stops past MAX_CONFIG_NODES)."""
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            raise ConfigError("a recursive alias (an anchor used inside itself)")
+        active.add(key)
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = []
+        for child in children:
+            total += size(child)
+            if total > MAX_CONFIG_NODES:
+                break
+        active.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _parse_yaml(text: str, origin: str) -> Any:
+    """YAML text -> Python value with the strict loader; every YAML problem is a ConfigError
+    naming ``origin`` and the line (no traceback, no echo of the whole input)."""
+    loader = _StrictLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            return None
+        try:
+            nodes = _expanded_size(root)
+        except ConfigError as err:
+            raise ConfigError(f"{origin}: {err}") from None
+        except RecursionError:
+            raise ConfigError(f"{origin}: nested too deeply") from None
+        if nodes > MAX_CONFIG_NODES:
+            raise ConfigError(
+                f"{origin}: expands to more than {MAX_CONFIG_NODES:,} values through its "
+                "aliases (*name); a config is a few hundred values, write them out"
+            )
+        return loader.construct_document(root)
+    except ConfigError as err:
+        if str(err).startswith(origin):
+            raise
+        raise ConfigError(f"{origin}: {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{origin}: {_yaml_problem(err)}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """One line: where and what (PyYAML's own message spans several lines and quotes input)."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if problem.startswith("could not determine a constructor for the tag"):
+        tag = problem.split("tag", 1)[1].strip().strip("'").replace("tag:yaml.org,2002:", "!!")
+        problem = f"tag {tag} is not allowed (plain YAML only: no Python objects)"
+    context = getattr(err, "context", None)
+    if context and "constructor" not in problem:
+        problem = f"{context}: {problem}"
+    return _shorten(f"{where}{problem}", 200)
+
+
+def _shorten(text: str, limit: int = MAX_SHOWN_INPUT) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _drop_removed_keys(tree: dict[str, Any], origin: str) -> None:
+    for (section, key), old_default in REMOVED_KEYS.items():
+        node = tree.get(section)
+        if isinstance(node, dict) and key in node:
+            if node[key] != old_default:
+                raise ConfigError(
+                    f"invalid config ({origin}): {section}.{key} was removed (nothing read "
+                    "it: the reference trainer always propagates over the full graph); "
+                    "delete the key"
+                )
+            del node[key]
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -249,8 +431,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 def _format_validation_error(err: ValidationError, origin: str) -> str:
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        path = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        path = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             section = Config
             for part in e["loc"][:-1]:
@@ -259,8 +441,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
             allowed = sorted(getattr(section, "model_fields", {}))
             msg = f"unknown key; allowed keys here: {', '.join(allowed)}"
         elif "input" in e and e["type"] != "value_error":
-            msg = f"{msg} (got {e['input']!r})"
-        lines.append(f"  {path}: {msg}")
+            msg = f"{msg} (got {_shorten(repr(e['input']))})"
+        lines.append(f"  {path}: {msg}" if path else f"  {msg}")  # cross-section checks name keys
     return "\n".join(lines)
 
 
@@ -271,8 +453,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            what = "is not a file" if path.exists() else "does not exist"
+            raise ConfigError(f"config file {path} {what}")
+        try:
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                f"config file {path}: not UTF-8 text (byte {err.start}: "
+                f"{err.object[err.start : err.start + 1]!r}); save it as UTF-8"
+            ) from None
+        except OSError as err:
+            raise ConfigError(f"config file {path}: cannot be read ({err.strerror})") from None
+        loaded = _parse_yaml(text, f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
         tree = loaded
@@ -280,6 +472,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
         origin += " + overrides"
+    _drop_removed_keys(tree, origin)
     try:
         return Config.model_validate(tree)
     except ValidationError as err:

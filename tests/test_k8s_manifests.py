@@ -440,7 +440,7 @@ def cluster_config():
 def test_cluster_config_is_distributed_and_reachable() -> None:
     cfg = cluster_config()
     assert cfg.trainer.mode == "distributed"
-    assert cfg.trainer.host == "0.0.0.0", "DGL servers must accept other pods' connections"
+    assert cfg.trainer.host == "node", "DGL servers must bind the node's IP (other pods dial it)"
     assert cfg.trainer.ray_address in (None, "auto"), "must join the cluster the job runs on"
     assert cfg.graph.partitions in (None, cfg.train.workers)
 
@@ -457,6 +457,89 @@ def test_workers_match_config(doc: dict[str, Any]) -> None:
     for g in groups:
         assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
     assert not ray_cluster_spec(doc).get("enableInTreeAutoscaling"), "fixed-size cluster"
+
+
+def cpu_count(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("8", "7500m") in CPUs."""
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def worker_pod_cpus(group: dict[str, Any]) -> float:
+    """The CPUs Ray advertises on a worker pod: rayStartParams num-cpus, else (KubeRay's
+    default) the container's CPU limit."""
+    params = group.get("rayStartParams") or {}
+    if "num-cpus" in params:
+        return float(params["num-cpus"])
+    return cpu_count(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+
+
+@pytest.mark.parametrize("doc", RAY_DOCS)
+def test_placement_puts_one_trainer_on_each_worker_pod(doc: dict[str, Any]) -> None:
+    """A partition's workers read its data from the server node's /dev/shm: the config must
+    spread the trainers, one per pod, or Ray may pack them all onto one."""
+    cfg = cluster_config()
+    for g in ray_cluster_spec(doc)["workerGroupSpecs"]:
+        cpus = worker_pod_cpus(g)
+        assert cfg.train.cpus_per_worker <= cpus, (
+            f"{g['groupName']}: train.cpus_per_worker={cfg.train.cpus_per_worker} does not fit "
+            f"a {cpus}-CPU pod: the trainers would never be placed"
+        )
+        spread = cfg.train.placement_strategy == "STRICT_SPREAD"
+        assert spread or cfg.train.cpus_per_worker > cpus / 2, (
+            f"{g['groupName']}: {cpus}-CPU pods fit two trainers of "
+            f"train.cpus_per_worker={cfg.train.cpus_per_worker} with placement "
+            f"{cfg.train.placement_strategy}: use STRICT_SPREAD or more CPUs per worker"
+        )
+        threads = (cfg.train.threads_per_worker or cfg.train.cpus_per_worker) + (
+            cfg.trainer.server_threads
+        )
+        assert threads <= cpus, (
+            f"{g['groupName']}: trainer threads + graph-server threads = {threads} > {cpus} CPUs"
+        )
+
+
+def shm_limits(doc: dict[str, Any]) -> dict[str, tuple[int, int | None]]:
+    """{pod group: (/dev/shm sizeLimit bytes, object-store-memory bytes or None)}."""
+    out = {}
+    spec = ray_cluster_spec(doc)
+    groups = [("head", spec["headGroupSpec"])]
+    groups += [(g["groupName"], g) for g in spec.get("workerGroupSpecs", [])]
+    for name, g in groups:
+        pod = g["template"]["spec"]
+        mounts = {
+            m["name"]
+            for c in pod["containers"]
+            for m in c.get("volumeMounts", [])
+            if m["mountPath"] == "/dev/shm"
+        }
+        vols = [v for v in pod.get("volumes", []) if v["name"] in mounts]
+        assert len(vols) == 1 and vols[0].get("emptyDir", {}).get("medium") == "Memory", (
+            f"{name}: /dev/shm must be one emptyDir with medium Memory: {vols}"
+        )
+        store = (g.get("rayStartParams") or {}).get("object-store-memory")
+        out[name] = (quantity_bytes(vols[0]["emptyDir"]["sizeLimit"]), store and int(store))
+    return out
+
+
+def quantity_bytes(quantity: str) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+    for suffix, factor in units.items():
+        if str(quantity).endswith(suffix):
+            return int(float(str(quantity)[: -len(suffix)]) * factor)
+    return int(quantity)
+
+
+@pytest.mark.parametrize("doc", RAY_DOCS)
+def test_shared_memory_holds_the_object_store_and_the_graph(doc: dict[str, Any]) -> None:
+    """/dev/shm holds Ray's object store and (on workers) the DGL server's segments: each pod
+    sets the object store's size, and /dev/shm leaves room beyond it (k8s/README.md)."""
+    for name, (shm, store) in shm_limits(doc).items():
+        assert store, f"{name}: set rayStartParams object-store-memory (default: 30% of RAM)"
+        assert shm >= store + 2 * 2**30, (
+            f"{name}: /dev/shm {shm / 2**30:.1f} GiB leaves < 2 GiB beside the object store "
+            f"({store / 2**30:.1f} GiB)"
+        )
 
 
 def shared_mounts(doc: dict[str, Any]) -> dict[str, set[tuple[str, str]]]:

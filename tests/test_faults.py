@@ -172,7 +172,7 @@ def test_killed_workers_resume_exactly(uninterrupted, killed_twice):
     # the replayed steps are the uninterrupted run's: same batches, negatives, neighbour
     # samples and state. Measured: bitwise equal; asserted within rel 1e-6
     for ours, theirs in zip(rows, read_steps(plain_run), strict=True):
-        for key in ("loss", "bpr", "h_use", "ema_h_use", "stage"):
+        for key in ("loss", "bpr", "h_use", "h_load", "ema_trigger", "stage"):
             assert float(ours[key]) == pytest.approx(float(theirs[key]), rel=1e-6, abs=1e-7), (
                 ours["step"],
                 key,

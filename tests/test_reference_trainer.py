@@ -4,6 +4,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from magnet_dist.cli import main as cli_main
 from magnet_dist.config import load_config
@@ -52,8 +53,18 @@ def test_reference_run_writes_the_run_folder(tiny_dataset, tmp_path):
     assert on_disk["test.recall@20"] > 0.25
     rows = read_steps(run)
     assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
-    for col in ["loss", "bpr", "h_conf", "h_use", "l_aux", "stage", "dropped", "load_0", "usage_8"]:
+    for col in ["loss", "bpr", "h_conf", "h_use", "h_load", "ema_trigger", "stage", "load_0"]:
         assert col in rows[0]
+    assert "usage_8" in rows[0]
+    # the routing summary: hard Top-K shares of the last epoch and of the best epoch
+    routing = on_disk["routing"]
+    for part in ("final", "best_epoch"):
+        assert sum(routing[part]["load_share"]) == pytest.approx(1.0)
+        assert len(routing[part]["load_share"]) == 9
+        assert 0 <= routing[part]["h_load"] <= 1
+    assert routing["final"]["zero_load_experts"] == sum(
+        v == 0 for v in routing["final"]["load_share"]
+    )
     assert {p.name for p in (run / "plots").iterdir()} >= {
         "loss.png",
         "valid_recall.png",
@@ -66,11 +77,59 @@ def test_reference_run_writes_the_run_folder(tiny_dataset, tmp_path):
 
 
 def test_stage_switch_is_logged_once(tiny_dataset, tmp_path):
+    """On the tiny data coverage does its job (H_load of the Top-K assignments ~0.92 from the
+    start, above tau=0.9): the trigger fires on its own, at S_min (5) and not before."""
     run = tmp_path / "run"
     metrics = train_reference(tiny_cfg(tiny_dataset, run), progress=False)
-    stages = [int(r["stage"]) for r in read_steps(run)]
+    rows = read_steps(run)
+    stages = [int(r["stage"]) for r in rows]
     assert stages == sorted(stages) and stages[-1] == 1  # coverage then specialisation
     assert metrics["switch_step"] == stages.index(1) + 1
+    assert metrics["trigger_on"] == "hard" and not metrics["switch_forced"]
+    assert metrics["switch_step"] == 5  # routing.min_steps=5: never earlier
+    # the EMA it watched is of H_load: above tau for the window (3 steps) before the switch
+    assert all(float(r["ema_trigger"]) >= 0.9 for r in rows[2:5])
+
+
+class CollapsedRouter(torch.nn.Module):
+    """Router logits that put experts 0 and 1 in every token's Top-2 by a hair: soft H_use and
+    H_conf ~1, H_load = log 2 / log 9 ~ 0.32 (the MovieLens collapse, made deterministic)."""
+
+    def forward(self, x):
+        bias = torch.zeros(9)
+        bias[:2] = 0.01
+        return x.new_zeros(x.shape[0], 9) + bias
+
+
+def with_collapsed_router(monkeypatch):
+    import magnet_dist.train.reference as reference
+
+    build = reference.build_model
+
+    def build_collapsed(cfg, ds):
+        model = build(cfg, ds)
+        model.moe.router.proj = CollapsedRouter()
+        return model
+
+    monkeypatch.setattr(reference, "build_model", build_collapsed)
+
+
+def test_collapsed_router_is_forced_at_max_steps_not_triggered(tiny_dataset, tmp_path, monkeypatch):
+    with_collapsed_router(monkeypatch)
+    metrics = train_reference(tiny_cfg(tiny_dataset, tmp_path / "hard"), progress=False)
+    assert metrics["switch_step"] == 20 and metrics["switch_forced"]  # routing.max_steps=20
+    rows = read_steps(tmp_path / "hard")
+    assert max(float(r["h_load"]) for r in rows) < 0.33
+    assert min(float(r["h_use"]) for r in rows) > 0.99  # the soft reading sees nothing wrong
+    assert metrics["routing"]["final"]["zero_load_experts"] == 7
+
+
+def test_soft_trigger_is_blind_to_a_collapsed_router(tiny_dataset, tmp_path, monkeypatch):
+    """routing.trigger_on=soft (the spec's literal reading) fires at S_min on the same router."""
+    with_collapsed_router(monkeypatch)
+    cfg = tiny_cfg(tiny_dataset, tmp_path / "soft", "routing.trigger_on=soft")
+    metrics = train_reference(cfg, progress=False)
+    assert metrics["switch_step"] == 5 and not metrics["switch_forced"]
 
 
 def test_same_seed_same_metrics(tiny_dataset, tmp_path):

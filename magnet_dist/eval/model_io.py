@@ -22,6 +22,7 @@ from magnet_dist.config import Config, load_config
 from magnet_dist.data.dataset import Dataset, load_dataset
 from magnet_dist.errors import MagnetError
 from magnet_dist.eval.ranking import CSR, csr_from_pairs
+from magnet_dist.eval.scoring import eval_mode
 from magnet_dist.model.magnet import MagnetModel
 
 Reps = dict[str, torch.Tensor]
@@ -174,7 +175,8 @@ def candidate_score_fn(model: MagnetModel, user_reps: Reps, item_reps: Reps, max
             iid = item_ids[lo : lo + rows]
             hu = {m: v[uid].repeat_interleave(c, 0) for m, v in user_reps.items()}
             hi = {m: v[iid.reshape(-1)] for m, v in item_reps.items()}
-            y, _ = model.score(hu, hi)
+            with eval_mode(model):  # no token dropped at capacity: chunking cannot change scores
+                y, _ = model.score(hu, hi)
             out[lo : lo + len(uid)] = y.view(len(uid), c)
         return out
 

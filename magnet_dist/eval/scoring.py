@@ -4,7 +4,8 @@ every (user, item) pair, computed in bounded chunks from precomputed representat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -16,11 +17,29 @@ from magnet_dist.model.magnet import MagnetModel
 Reps = dict[str, torch.Tensor]
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Scores come from the model in eval mode (no expert dropout, no router noise, and no
+    token dropped at capacity, so a pair's score does not depend on its scoring chunk); the
+    model's previous mode is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 def pair_score_fn(model: MagnetModel, max_tokens: int = 65536) -> Callable:
-    """``fn(hu, hi) -> [n_u, n_i]`` scores of all pairs; MoE tokens materialised in pieces."""
+    """``fn(hu, hi) -> [n_u, n_i]`` scores of all pairs (eval mode); MoE tokens materialised in
+    pieces."""
 
     @torch.no_grad()
     def score(hu: Reps, hi: Reps) -> torch.Tensor:
+        with eval_mode(model):
+            return _score(hu, hi)
+
+    def _score(hu: Reps, hi: Reps) -> torch.Tensor:
         n_u = next(iter(hu.values())).shape[0]
         n_i = next(iter(hi.values())).shape[0]
         dot = torch.stack([hu[m] @ hi[m].t() for m in model.modalities]).mean(0)

@@ -34,9 +34,10 @@ class TripletMoE(nn.Module):
         return len(self.experts)
 
     def forward(self, tokens: torch.Tensor, explore: bool = False):
-        capacity = capacity_for(
-            tokens.shape[0], self.num_experts, self.router.top_k, self.capacity_factor
-        )
+        # capacity is a training-time budget: in eval mode no token is dropped, so a pair's
+        # score does not depend on which other pairs share its scoring chunk
+        factor = self.capacity_factor if self.training else None
+        capacity = capacity_for(tokens.shape[0], self.num_experts, self.router.top_k, factor)
         routing = self.router(tokens, capacity, explore)
         out = tokens.new_zeros(tokens.shape[0], self.dim)
         for e, expert in enumerate(self.experts):

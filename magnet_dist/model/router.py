@@ -58,6 +58,19 @@ class RoutingStats:
         mean_p = self.prob_sum / self.tokens.clamp_min(1)
         return entropy(mean_p.unsqueeze(0)).squeeze(0) / math.log(self.num_experts)
 
+    def hard_usage(self) -> torch.Tensor:
+        """[E] share of Top-K assignments per expert (before capacity): ``assigned / (K * N)``.
+
+        Unlike the soft usage (mean of the probabilities) it sees a collapse: probabilities
+        near uniform with one expert always a hair ahead still put that expert in every Top-K.
+        """
+        return self.assigned / (self.tokens.clamp_min(1) * self.top_k)
+
+    def h_load(self) -> torch.Tensor:
+        """Normalised entropy of the hard usage: 1 when every expert gets the same share of
+        assignments, 0 when every token goes to one expert (K = 1)."""
+        return entropy(self.hard_usage().unsqueeze(0)).squeeze(0) / math.log(self.num_experts)
+
     def l_aux(self) -> torch.Tensor:
         """GShard / DeepSpeed load-balancing loss ``E * sum_e mean_p_e * frac_e`` (1 if balanced)."""
         n = self.tokens.clamp_min(1)

@@ -1,7 +1,9 @@
 """(B) Entropy-triggered two-stage routing: coverage first, then specialisation.
 
 The trigger is a pure function of globally reduced numbers (``advance``), so every worker that
-sees the same H_use sequence switches on the same step. Its state is a small dataclass that goes
+sees the same signal sequence switches on the same step. The signal is ``trigger_signal``:
+H_load, the entropy of the actual Top-K assignments (``routing.trigger_on=hard``, default), or
+the soft H_use (``soft``); docs/routing.md says why. Its state is a small dataclass that goes
 into checkpoints as a dict.
 """
 
@@ -22,7 +24,7 @@ SPECIALISATION = "specialisation"
 class ScheduleState:
     step: int = 0  # steps observed so far
     stage: str = COVERAGE
-    ema: float | None = None  # EMA of H_use
+    ema: float | None = None  # EMA of the trigger signal (H_load or H_use)
     above: int = 0  # consecutive steps with ema >= tau
     switch_step: int | None = None
     forced: bool = False
@@ -35,10 +37,16 @@ class ScheduleState:
         return cls(**d)
 
 
-def advance(state: ScheduleState, h_use: float, cfg: RoutingConfig) -> ScheduleState:
-    """State after observing one step's global H_use. Never switches before ``cfg.min_steps``
-    observed steps; forced once ``cfg.max_steps`` steps are observed; never with two_stage off."""
-    ema = h_use if state.ema is None else cfg.ema_decay * state.ema + (1 - cfg.ema_decay) * h_use
+def trigger_signal(stats: RoutingStats, cfg: RoutingConfig) -> float:
+    """The number the trigger watches for one step's global stats: H_load (hard) or H_use."""
+    return float(stats.h_load() if cfg.trigger_on == "hard" else stats.h_use())
+
+
+def advance(state: ScheduleState, signal: float, cfg: RoutingConfig) -> ScheduleState:
+    """State after observing one step's global trigger signal (``trigger_signal``). Never
+    switches before ``cfg.min_steps`` observed steps; forced once ``cfg.max_steps`` steps are
+    observed; never with two_stage off."""
+    ema = signal if state.ema is None else cfg.ema_decay * state.ema + (1 - cfg.ema_decay) * signal
     step = state.step + 1
     above = state.above + 1 if ema >= cfg.tau else 0
     new = replace(state, step=step, ema=ema, above=above)

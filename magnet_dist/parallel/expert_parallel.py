@@ -117,7 +117,8 @@ class MagnetGate(nn.Module):
 
     def forward(self, tokens: torch.Tensor, used_token: torch.Tensor | None = None):
         n, e = tokens.shape[0], self.num_experts
-        drop_capacity = capacity_for(n, e, self.k, self.capacity_factor)
+        factor = self.capacity_factor if self.training else None  # eval never drops a token
+        drop_capacity = capacity_for(n, e, self.k, factor)
         routing = self._router(tokens, drop_capacity, self.explore)
         positions = queue_positions(routing.experts, e)
         load = torch.bincount(routing.experts[routing.kept], minlength=e)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from magnet_dist.model.magnet import LossOutput, MagnetModel
+from magnet_dist.model.router import RoutingStats
 from magnet_dist.model.schedule import SPECIALISATION, ScheduleState
 from magnet_dist.train.plots import make_plots
 from magnet_dist.train.run_folder import write_json_atomic
@@ -18,7 +19,8 @@ SELECTION_METRIC = "valid.recall@20"
 
 
 def step_row(step: int, epoch: int, out: LossOutput, state: ScheduleState) -> dict[str, Any]:
-    """One metrics.csv row: losses, routing entropies, stage, and per-expert load/usage."""
+    """One metrics.csv row: losses, routing entropies (soft H_conf/H_use and the hard-assignment
+    H_load), the EMA the trigger watches, stage, and per-expert load/usage."""
     row: dict[str, Any] = {
         "step": step,
         "epoch": epoch,
@@ -33,8 +35,9 @@ def step_row(step: int, epoch: int, out: LossOutput, state: ScheduleState) -> di
         row.update(
             h_conf=float(s.h_conf()),
             h_use=float(s.h_use()),
+            h_load=float(s.h_load()),
             l_aux=float(s.l_aux()),
-            ema_h_use=float(state.ema) if state.ema is not None else float("nan"),
+            ema_trigger=float(state.ema) if state.ema is not None else float("nan"),
             stage=int(state.stage == SPECIALISATION),
             tokens=tokens,
             dropped=float(s.dropped),
@@ -63,6 +66,39 @@ def expert_table(model: MagnetModel, experts: list | None = None) -> dict[str, A
     return {"modalities": model.modalities, "experts": rows}
 
 
+class RoutingTally:
+    """Top-K assignments per expert summed over the global stats of an epoch's steps, for the
+    routing summary in metrics.json (the soft entropies cannot show a collapse; this can)."""
+
+    def __init__(self) -> None:
+        self.assigned: np.ndarray | None = None
+        self.tokens = 0.0
+        self.top_k = 1
+
+    def add(self, stats: RoutingStats | None) -> None:
+        if stats is None:
+            return
+        assigned = stats.assigned.detach().double().cpu().numpy()
+        self.assigned = assigned if self.assigned is None else self.assigned + assigned
+        self.tokens += float(stats.tokens)
+        self.top_k = stats.top_k
+
+    def summary(self) -> dict[str, Any] | None:
+        """``h_load`` (normalised entropy of the shares), ``load_share`` per expert (sums to 1)
+        and ``zero_load_experts``; None before any MoE step."""
+        if self.assigned is None or self.tokens == 0:
+            return None
+        share = self.assigned / (self.tokens * self.top_k)
+        nz = share[share > 0]
+        h = float(-(nz * np.log(nz)).sum() / np.log(len(share))) if len(share) > 1 else 0.0
+        return {
+            "h_load": h,
+            "load_share": [float(v) for v in share],
+            "zero_load_experts": int((self.assigned == 0).sum()),
+            "tokens": self.tokens,
+        }
+
+
 class EarlyStopping:
     """Model selection on validation Recall@20 only (never test)."""
 
@@ -71,11 +107,13 @@ class EarlyStopping:
         self.best: float = -np.inf
         self.best_epoch: int = -1
         self.bad_evals = 0
+        self.best_info: dict[str, Any] | None = None  # e.g. the routing summary of best_epoch
 
-    def update(self, epoch: int, value: float) -> bool:
-        """Record an evaluation; True if it is the best so far."""
+    def update(self, epoch: int, value: float, info: dict[str, Any] | None = None) -> bool:
+        """Record an evaluation (``info``: kept with it if it is the best); True if best so far."""
         if value > self.best:
             self.best, self.best_epoch, self.bad_evals = value, epoch, 0
+            self.best_info = info
             return True
         self.bad_evals += 1
         return False
@@ -85,10 +123,16 @@ class EarlyStopping:
         return self.bad_evals >= self.patience
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "bad_evals": self.bad_evals}
+        return {
+            "best": self.best,
+            "best_epoch": self.best_epoch,
+            "bad_evals": self.bad_evals,
+            "best_info": self.best_info,
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.bad_evals = d["best"], d["best_epoch"], d["bad_evals"]
+        self.best_info = d.get("best_info")  # checkpoints written before it existed lack it
 
 
 def finish_run(run_dir: Path, metrics: dict[str, Any], plots: bool = True) -> dict[str, Any]:
@@ -115,8 +159,11 @@ def print_metrics(metrics: dict[str, Any]) -> None:
 
 
 def truncate_evaluations(run_dir: Path, step: int) -> None:
-    """Drop evaluations.csv rows after ``step`` (a resumed run evaluates those again)."""
+    """Drop evaluations.csv rows after ``step`` (a resumed run evaluates those again; step 0:
+    a fresh start or a restart before the first checkpoint, every row goes)."""
     path = Path(run_dir) / "evaluations.csv"
+    if step == 0:
+        path.unlink(missing_ok=True)
     if not path.exists():
         return
     lines = path.read_text().splitlines()

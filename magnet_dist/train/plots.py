@@ -1,5 +1,5 @@
 """PNG plots of a run folder (matplotlib, headless): loss, validation Recall@20, routing
-entropies with the stage switch, expert usage per expert and per family, modality reliance.
+entropies (soft H_use/H_conf and the hard H_load) with the stage switch, expert usage per expert and per family, modality reliance.
 
 Reads only files of the run folder (metrics.csv, evaluations.csv, experts.json), so it works the
 same for reference and distributed runs and can be re-run on an old run.
@@ -75,7 +75,11 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(steps["step"], steps["h_use"], label="H_use (utilisation entropy)", lw=1)
         ax.plot(steps["step"], steps["h_conf"], label="H_conf (per-token entropy)", lw=1)
-        if "ema_h_use" in steps:
+        if "h_load" in steps:  # the hard Top-K assignments: the one that shows a collapse
+            ax.plot(steps["step"], steps["h_load"], label="H_load (Top-K assignments)", lw=1.5)
+        if "ema_trigger" in steps:
+            ax.plot(steps["step"], steps["ema_trigger"], label="EMA the trigger watches", ls="--")
+        elif "ema_h_use" in steps:  # runs from before routing.trigger_on
             ax.plot(steps["step"], steps["ema_h_use"], label="EMA of H_use", lw=1, ls="--")
         switch = steps.loc[steps["stage"] == 1, "step"]
         if len(switch):

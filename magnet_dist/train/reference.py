@@ -19,12 +19,13 @@ from magnet_dist.data.dataset import Dataset, load_dataset
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 from magnet_dist.model.hops import Hop, full_graph_hop
 from magnet_dist.model.magnet import MagnetModel, parameter_groups
-from magnet_dist.model.schedule import ScheduleState, advance
+from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
 from magnet_dist.train.batches import NegativeSampler, batch_rng, epoch_batches
 from magnet_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from magnet_dist.train.common import (
     SELECTION_METRIC,
     EarlyStopping,
+    RoutingTally,
     append_evaluation,
     expert_table,
     finish_run,
@@ -131,9 +132,11 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
     t0 = time.time()
     pairs_trained, step_seconds = 0, 0.0
+    last_routing = None  # routing summary of the last epoch trained
     epochs = range(start_epoch, cfg.train.epochs)
     bar = tqdm(epochs, desc="epochs", disable=not progress, unit="epoch")
     for epoch in bar:
+        tally = RoutingTally()
         for b, idx in epoch_batches(len(tu), cfg.train.batch_size, cfg.train.seed, epoch):
             if cfg.train.max_steps_per_epoch and b >= cfg.train.max_steps_per_epoch:
                 break
@@ -142,15 +145,17 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
             neg = sampler.sample(users, cfg.train.n_neg, batch_rng(cfg.train.seed, epoch, b))
             out = train_step(model, graph, emb, opt, users, pos, neg, state)
             if out.stats is not None:
-                state = advance(state, float(out.stats.h_use()), cfg.routing)
+                state = advance(state, trigger_signal(out.stats, cfg.routing), cfg.routing)
+                tally.add(out.stats)
             step += 1
             pairs_trained += len(idx)
             step_seconds += time.perf_counter() - t_step
             log.log(step_row(step, epoch, out, state))
         log.flush()
+        last_routing = tally.summary()
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             metrics = evaluate(model, graph, emb, valid, "valid")
-            improved = stopper.update(epoch, metrics[SELECTION_METRIC])
+            improved = stopper.update(epoch, metrics[SELECTION_METRIC], last_routing)
             append_evaluation(run_dir, {"epoch": epoch, "step": step, **metrics})
             bar.set_postfix(recall20=f"{metrics[SELECTION_METRIC]:.4f}", stage=state.stage[:4])
             if improved:
@@ -190,6 +195,8 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
         "stage": state.stage,
         "switch_step": state.switch_step,
         "switch_forced": state.forced,
+        "trigger_on": cfg.routing.trigger_on,
+        "routing": {"final": last_routing, "best_epoch": stopper.best_info},
         "fusion_lambda": dict(
             zip(model.modalities, model.encoder.fusion_weights.tolist(), strict=True)
         ),

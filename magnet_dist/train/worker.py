@@ -28,11 +28,12 @@ from magnet_dist.errors import FAULT_LOG_ENV, MagnetError, record_fault
 from magnet_dist.eval.metrics import RankingSums
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 from magnet_dist.model.magnet import LossOutput, MagnetModel, parameter_groups
-from magnet_dist.model.schedule import ScheduleState, advance
+from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
 from magnet_dist.train.batches import NegativeSampler, batch_rng
 from magnet_dist.train.common import (
     SELECTION_METRIC,
     EarlyStopping,
+    RoutingTally,
     append_evaluation,
     expert_table,
     finish_run,
@@ -508,7 +509,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # every rank takes as many steps per epoch as the rank with the most local edges
         max_local = torch.tensor([len(users_local)], dtype=torch.int64)
         dist.all_reduce(max_local, op=dist.ReduceOp.MAX)
+        last_routing = None  # routing summary of the last epoch trained
         for epoch in range(start_epoch, cfg.train.epochs):
+            tally = RoutingTally()
             plan = plan_batches(
                 len(users_local),
                 int(max_local),
@@ -553,7 +556,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     opt.step()
                 emb_opt.step()
                 if out.stats is not None:
-                    state = advance(state, float(out.stats.h_use()), cfg.routing)
+                    state = advance(state, trigger_signal(out.stats, cfg.routing), cfg.routing)
+                    tally.add(out.stats)
                     assert_same_schedule(state)
                 step += 1
                 pairs += len(idx) * world
@@ -585,10 +589,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if bar is not None:
                 bar.close()
             log.flush()
+            last_routing = tally.summary()
             metrics: dict[str, float] = {"epoch": epoch, "step": step}
             if not cfg.eval.in_loop:
                 if last:  # no ranking in the loop: the final model is the exported one
-                    stopper.best_epoch = epoch
+                    stopper.best_epoch, stopper.best_info = epoch, last_routing
                     scorer = dense_eval_model(model, cfg, world)
                     export_best(run_dir, cfg, scorer, client, ctx, epoch)
             elif (epoch + 1) % cfg.train.eval_every == 0 or last:
@@ -605,7 +610,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                             **{k: v for k, v in evals.items() if k.startswith("valid.")},
                         },
                     )
-                if stopper.update(epoch, evals[SELECTION_METRIC]):
+                if stopper.update(epoch, evals[SELECTION_METRIC], last_routing):
                     best_metrics = evals  # test numbers of the epoch chosen on validation
                     export_best(run_dir, cfg, scorer, client, ctx, epoch)
                 if rank == 0:
@@ -640,6 +645,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 "stage": state.stage,
                 "switch_step": state.switch_step,
                 "switch_forced": state.forced,
+                "trigger_on": cfg.routing.trigger_on,
+                "routing": {"final": last_routing, "best_epoch": stopper.best_info},
                 "fusion_lambda": dict(
                     zip(model.modalities, model.encoder.fusion_weights.tolist(), strict=True)
                 ),

@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from magnet_dist.errors import MagnetError
+from magnet_dist.errors import NO_SPACE_ERRNOS, MagnetError, output_error
 
 # subcommand -> (module, one-line help)
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._main(args) or 0)
     except MagnetError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        # a full disk (or file-size limit, quota) wherever it happens is the user's to fix;
+        # writers name their path (OutputError), this catches the rest (a log line, a plot)
+        if err.errno not in NO_SPACE_ERRNOS:
+            raise
+        print(f"error: {output_error(err, err.filename or 'an output file')}", file=sys.stderr)
         return 2
 
 

@@ -16,6 +16,29 @@ class ConfigError(MagnetError, ValueError):
     """A config file or override is invalid; the message names the key path."""
 
 
+class OutputError(MagnetError):
+    """An output (file or folder) cannot be written: disk full, a folder in the way, no
+    permission. The message names the path."""
+
+
+# errno values that mean "no room left" (disk full, file size limit, quota)
+_NO_SPACE = {28: "disk full", 27: "file size limit reached", 122: "disk quota exceeded"}
+NO_SPACE_ERRNOS = frozenset(_NO_SPACE)
+
+
+def output_error(err: OSError, path: object) -> OutputError:
+    """The OSError of writing ``path`` as one line for the user (``disk full`` for ENOSPC)."""
+    what = _NO_SPACE.get(err.errno or 0)
+    if what is not None:
+        return OutputError(f"cannot write {path}: {what} ({err.strerror}); free space and re-run")
+    if isinstance(err, IsADirectoryError):
+        return OutputError(f"cannot write {path}: it is a folder; give a file path")
+    if isinstance(err, NotADirectoryError):
+        return OutputError(f"cannot write {path}: a part of the path is a file, not a folder")
+    reason = err.strerror or str(err)
+    return OutputError(f"cannot write {path}: {reason}")
+
+
 FAULT_LOG_ENV = "MAGNET_FAULT_LOG"
 
 

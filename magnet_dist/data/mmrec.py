@@ -22,6 +22,7 @@ from magnet_dist.data.validate import (
     clean_interactions,
     data_error,
     require_columns,
+    require_contiguous_ids,
     require_integer,
     require_no_nulls,
     require_range,
@@ -37,11 +38,13 @@ _MAX_ID = 1 << 40
 
 
 def read_inter(file: Path) -> pa.Table:
+    if not file.is_file():
+        raise data_error(file, "is a folder, not a file", hint="the .inter file must be a file")
     if file.stat().st_size == 0:
         raise data_error(file, "empty file", hint="an MMRec .inter file has a header and rows")
     try:
         table = pacsv.read_csv(file, parse_options=pacsv.ParseOptions(delimiter="\t"))
-    except pa.ArrowInvalid as err:
+    except (pa.ArrowInvalid, OSError) as err:
         raise data_error(file, f"cannot parse as a tab-separated file ({err})") from err
     return table
 
@@ -108,7 +111,7 @@ def import_mmrec(
     users = table.column(USER).to_numpy()
     items = table.column(ITEM).to_numpy()
     split = table.column(LABEL).to_numpy().astype(np.int8)
-    num_users = int(users.max()) + 1
+    num_users = require_contiguous_ids(users, file, USER, what="user id")
     timestamp = None
     if TIME in table.column_names and table.column(TIME).null_count == 0:
         ts = table.column(TIME)

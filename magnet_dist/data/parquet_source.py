@@ -50,6 +50,17 @@ def _id_column(table: pa.Table, file: Path, column: str) -> pa.Array:
         col = pc.cast(col, typ.value_type)
         typ = col.type
     if pa.types.is_integer(typ):
+        if typ == pa.uint64():
+            too_big = first_true(pc.greater(col, np.iinfo(np.int64).max))
+            if too_big is not None:
+                raise data_error(
+                    file,
+                    f"id {table.column(column)[too_big].as_py()} is above 2**63-1 (int64)",
+                    column=column,
+                    row=too_big,
+                    example=row_repr(table, too_big),
+                    hint="store ids this large as strings",
+                )
         col = pc.cast(col, pa.int64())
     elif pa.types.is_string(typ) or pa.types.is_large_string(typ):
         col = pc.cast(col, pa.string())

@@ -141,6 +141,29 @@ def require_range(
         )
 
 
+def require_contiguous_ids(ids: np.ndarray, file: Path, column: str, what: str = "id") -> int:
+    """``max + 1`` when the (non-negative) ids are exactly 0..max, checked before anything is
+    sized by them: one id near 2**40 would otherwise allocate arrays of 2**40 entries."""
+    if ids.size == 0:
+        return 0
+    present = np.unique(ids)
+    top = int(present[-1])
+    if present.size != top + 1:
+        first_missing = int(np.flatnonzero(present != np.arange(present.size))[0])
+        row = int(np.flatnonzero(ids == top)[0])
+        raise data_error(
+            file,
+            f"{what.split()[0]} {first_missing} has no interaction at all: {what}s are not "
+            f"contiguous (the largest is {top}, {present.size:,} distinct ones appear)",
+            column=column,
+            row=row,
+            example=f"{column}={top}",
+            hint=f"{what}s must be 0..N-1 (MMRec's layout); re-index them, or use --source "
+            "parquet, which re-indexes any ids",
+        )
+    return top + 1
+
+
 def require_split_values(table: pa.Table, file: Path, column: str = "split") -> None:
     require_integer(table, file, column, what="integer split codes 0/1/2")
     require_no_nulls(table, file, column)
@@ -204,14 +227,21 @@ def feature_matrix(table: pa.Table, file: Path, column: str, dim: int | None = N
             row=row,
             example=row_repr(table, row),
         )
+    original = values
     if values.type != pa.float32():
         values = pc.cast(values, pa.float32(), safe=False)
-    bad = first_true(pc.invert(pc.is_finite(values)))
+    bad = first_true(pc.invert(pc.is_finite(values)))  # after the cast: overflow is inf too
     if bad is not None:
         row = bad // dim
+        value = original[bad].as_py()
+        problem = (
+            f"value {value:.6g} does not fit float32"
+            if value is not None and np.isfinite(value)
+            else f"non-finite value ({value})"
+        )
         raise data_error(
             file,
-            f"non-finite value ({values[bad].as_py()}) in a feature vector",
+            f"{problem} in a feature vector",
             column=column,
             row=row,
             example=row_repr(table, row),
@@ -221,19 +251,27 @@ def feature_matrix(table: pa.Table, file: Path, column: str, dim: int | None = N
 
 
 def check_finite_matrix(matrix: np.ndarray, file: Path, chunk_rows: int = 65536) -> None:
-    """NaN/inf check of a (possibly memory-mapped) 2-D matrix, chunk by chunk."""
+    """NaN/inf check of a (possibly memory-mapped) 2-D matrix, chunk by chunk, as float32 (the
+    stored type): a finite float64 beyond float32's range would be stored as inf."""
     for start in range(0, matrix.shape[0], chunk_rows):
         block = np.asarray(matrix[start : start + chunk_rows])
-        finite = np.isfinite(block)
+        with np.errstate(over="ignore"):
+            finite = np.isfinite(block.astype(np.float32, copy=False))
         if not finite.all():
             r, c = np.argwhere(~finite)[0]
+            value = block[r, c]
+            problem = (
+                f"value {value:.6g} does not fit float32 (|x| <= {np.finfo(np.float32).max:.4g})"
+                if np.isfinite(value)
+                else f"non-finite value ({value})"
+            )
             raise data_error(
                 file,
-                f"non-finite value ({block[r, c]}) in a feature vector",
+                f"{problem} in a feature vector",
                 column="feature",
                 row=int(start + r),
                 example=f"item {int(start + r)}, dimension {int(c)}",
-                hint="replace NaN/inf (e.g. by recomputing the features)",
+                hint="replace NaN/inf and out-of-range values (e.g. by recomputing the features)",
             )
 
 

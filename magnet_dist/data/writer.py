@@ -29,7 +29,7 @@ from magnet_dist.data.schema import (
     features_schema,
     interactions_schema,
 )
-from magnet_dist.errors import DataError
+from magnet_dist.errors import NO_SPACE_ERRNOS, DataError, output_error
 
 
 def file_sha256(path: Path, block: int = 1 << 20) -> str:
@@ -122,8 +122,13 @@ class DatasetWriter:
         check_out_dir(self.out, force)
 
     def __enter__(self) -> DatasetWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(
+                tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent)
+            )
+        except OSError as err:
+            raise output_error(err, self.out) from None
         self.tmp.chmod(0o755)  # mkdtemp makes it 0700; a dataset is a normal, readable folder
         return self
 
@@ -136,6 +141,9 @@ class DatasetWriter:
         if self.tmp is not None and self.tmp.exists():
             shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp = None
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            # disk full while writing: one line naming the dataset folder (removed above)
+            raise output_error(exc, self.out) from None
 
     # -- writing --------------------------------------------------------------------------
     def open_interactions(self, with_timestamp: bool = False) -> InteractionSink:
@@ -256,6 +264,13 @@ class DatasetWriter:
 def check_out_dir(out: Path, force: bool) -> None:
     """``out`` must not exist, or (with ``force``) be a dataset folder or an empty folder."""
     if not (out.exists() or out.is_symlink()):
+        for parent in out.parents:  # the first existing ancestor must be a folder
+            if parent.exists():
+                if not parent.is_dir():
+                    raise DataError(
+                        f"{out}: {parent} is a file, not a folder; choose another --out"
+                    )
+                break
         return
     if not force:
         raise DataError(f"{out}: already exists; use --force to overwrite it")

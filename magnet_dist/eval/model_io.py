@@ -77,11 +77,16 @@ class LoadedRun:
         return mode == "two-stage"
 
 
-def load_run(run: str | Path, data: str | Path | None = None, quiet: bool = False) -> LoadedRun:
+def load_run(
+    run: str | Path,
+    data: str | Path | None = None,
+    quiet: bool = False,
+    any_dataset: bool = False,
+) -> LoadedRun:
     """Load a run folder's best model and compute full-graph representations once.
 
-    ``data`` replaces the run's ``data.path`` (e.g. the dataset was moved); it must hold the
-    same users, items and modalities the run was trained on.
+    ``data`` replaces the run's ``data.path`` (e.g. the dataset was moved); it must be the
+    dataset the run was trained on (checksum of the run's dataset.json) unless ``any_dataset``.
     """
     from magnet_dist.train.checkpoint import load_checkpoint
     from magnet_dist.train.reference import FullGraph, build_model
@@ -117,6 +122,7 @@ def load_run(run: str | Path, data: str | Path | None = None, quiet: bool = Fals
         )
     cfg.data.path = str(data_path)
     ds = load_dataset(data_path)
+    _check_same_dataset(run_dir, ds, any_dataset)
 
     weight = ck["embeddings"].get("weight") if isinstance(ck["embeddings"], dict) else None
     expected = (ds.num_users + ds.num_items, cfg.model.dim)
@@ -158,6 +164,22 @@ def load_run(run: str | Path, data: str | Path | None = None, quiet: bool = Fals
     epoch = ck.get("epoch")
     return LoadedRun(
         run_dir, cfg, ds, model, user_reps, item_reps, int(epoch) if epoch is not None else None
+    )
+
+
+def _check_same_dataset(run_dir: Path, ds: Dataset, any_dataset: bool) -> None:
+    """Refuse a dataset other than the one trained on (e.g. re-prepared with another split:
+    same sizes, so nothing else would notice, and the test items may be training items)."""
+    from magnet_dist.train.run_folder import DATASET_FILE, recorded_dataset_checksum
+
+    trained_on = recorded_dataset_checksum(run_dir)
+    if trained_on is None or any_dataset or trained_on == ds.checksum:
+        return
+    raise MagnetError(
+        f"dataset {ds.path} (checksum {ds.checksum[:16]}) is not the one run {run_dir} was "
+        f"trained on (checksum {trained_on[:16]} in {run_dir / DATASET_FILE}): it was "
+        "re-prepared or replaced; point --data at the original dataset, or pass "
+        "--any-dataset to evaluate on this one anyway"
     )
 
 
@@ -225,3 +247,8 @@ def add_ranking_arguments(parser, candidates_help: str) -> None:
         "eval.two_stage_above_items items",
     )
     parser.add_argument("--candidates", type=int, default=None, help=candidates_help)
+    parser.add_argument(
+        "--any-dataset",
+        action="store_true",
+        help="accept a dataset whose checksum differs from the one the run was trained on",
+    )

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
+from magnet_dist.atomic import atomic_path
 from magnet_dist.errors import MagnetError
 from magnet_dist.eval.model_io import (
     LoadedRun,
@@ -234,18 +235,30 @@ def recommendations_table(
 
 
 def write_parquet_atomic(table: pa.Table, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    """Hidden temp file + rename; on failure (disk full) no temp file is left and the error
+    names ``out``."""
+    with atomic_path(out, tmp=out.with_name(f".{out.name}.tmp")) as tmp:
+        pq.write_table(table, tmp)
+
+
+def check_out_file(out: Path) -> None:
+    """Before ranking (minutes at scale): ``--out`` must be a file path we can create."""
+    if out.is_dir():
+        raise MagnetError(f"--out {out} is a folder; give a file path, e.g. {out / 'recs.parquet'}")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MagnetError(f"--out {out}: {parent} is a file, not a folder")
+            break
 
 
 def main(args: argparse.Namespace) -> int:
     if not 1 <= args.k <= MAX_K:
         raise MagnetError(f"--k must be in 1..{MAX_K}, got {args.k}")
+    check_out_file(Path(args.out))
     progress = not args.quiet and sys.stderr.isatty()
     t0 = time.time()
-    loaded = load_run(args.run, args.data, quiet=args.quiet)
+    loaded = load_run(args.run, args.data, quiet=args.quiet, any_dataset=args.any_dataset)
     ds = loaded.dataset
     user_map = item_map = None
     if args.original_ids:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from magnet_dist.atomic import write_text_atomic
 from magnet_dist.errors import MagnetError
 from magnet_dist.eval.model_io import (
     LoadedRun,
@@ -156,7 +157,7 @@ def evaluate_run(
 def main(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     splits = ["valid", "test"] if args.split == "both" else [args.split]
-    loaded = load_run(args.run, args.data, quiet=args.quiet)
+    loaded = load_run(args.run, args.data, quiet=args.quiet, any_dataset=args.any_dataset)
     metrics = evaluate_run(
         loaded, splits, args.mode, args.candidates, args.sample_users, args.seed, progress
     )
@@ -177,7 +178,5 @@ def main(args: argparse.Namespace) -> int:
         print(f"[evaluate] exact metrics on a sample of at most {args.sample_users} users/split")
     print(json.dumps(metrics, indent=2))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(Path(args.json), json.dumps(metrics, indent=2) + "\n")
     return 0

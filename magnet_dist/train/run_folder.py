@@ -7,11 +7,10 @@ Only rank 0 writes; other ranks pass ``enabled=False``.
 from __future__ import annotations
 
 import csv
-import json
-import os
 from pathlib import Path
 from typing import Any
 
+from magnet_dist import atomic
 from magnet_dist.config import Config, dump_config
 
 
@@ -90,13 +89,49 @@ class StepLog:
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
-    os.replace(tmp, path)
+    """Temp file + rename; a failed write (disk full) leaves no ``.tmp`` and raises
+    OutputError naming the path."""
+    atomic.write_json_atomic(path, payload)
+
+
+DATASET_FILE = "dataset.json"
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    Path(run_dir).mkdir(parents=True, exist_ok=True)
-    (Path(run_dir) / "config.yaml").write_text(dump_config(cfg))
+    """config.yaml, and dataset.json: the checksum of the dataset the run trains on, so
+    evaluate / recommend can refuse a dataset replaced under the run."""
+    atomic.write_text_atomic(Path(run_dir) / "config.yaml", dump_config(cfg))
+    record_dataset(run_dir, cfg.data.path)
+
+
+def record_dataset(run_dir: Path, data_path: str | Path) -> None:
+    from magnet_dist.data.dataset import load_manifest
+
+    manifest = load_manifest(data_path)
+    write_json_atomic(
+        Path(run_dir) / DATASET_FILE,
+        {
+            "path": str(Path(data_path).expanduser().absolute()),
+            "checksum": manifest["checksum"],
+            "num_users": manifest["num_users"],
+            "num_items": manifest["num_items"],
+        },
+    )
+
+
+def recorded_dataset_checksum(run_dir: Path) -> str | None:
+    """The checksum in ``dataset.json`` (None for runs written before it existed)."""
+    import json
+
+    path = Path(run_dir) / DATASET_FILE
+    if not path.is_file():
+        return None
+    try:
+        checksum = json.loads(path.read_text()).get("checksum")
+    except (OSError, ValueError, AttributeError):
+        checksum = None
+    if not isinstance(checksum, str):
+        from magnet_dist.errors import MagnetError
+
+        raise MagnetError(f"{path} is damaged (no 'checksum'); re-train, or delete it to skip")
+    return checksum

@@ -115,10 +115,6 @@ class RoutingConfig(_Section):
     # "soft" = H_use on the mean probabilities (the spec's literal reading, ~1 from the start
     # and blind to collapse; see docs/routing.md)
     trigger_on: Literal["hard", "soft"] = "hard"
-    # What the trigger watches: "hard" = H_load, the entropy of the actual Top-K assignments;
-    # "soft" = H_use on the mean probabilities (the spec's literal reading, ~1 from the start
-    # and blind to collapse; see docs/routing.md)
-    trigger_on: Literal["hard", "soft"] = "hard"
     ema_decay: float = Field(0.9, ge=0, lt=1)  # mu
     tau: float = Field(0.9, ge=0, le=1)
     window: int = Field(50, ge=1)  # W

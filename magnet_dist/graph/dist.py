@@ -333,13 +333,25 @@ class GraphClient:
                 part_policy=self.g.get_node_partition_policy("item"),
             )
 
-    def input_embeddings(self, blocks: SampledBlocks) -> torch.Tensor:
-        """ID embeddings of the blocks' input nodes (users then items), ``[num_input, dim]``.
+    def input_embeddings(
+        self, blocks: SampledBlocks, device: torch.device | None = None
+    ) -> torch.Tensor:
+        """ID embeddings of the blocks' input nodes (users then items), ``[num_input, dim]``,
+        on ``device`` (default cpu).
 
-        With grad enabled, the rows are recorded for the sparse optimizer (autograd leaves)."""
+        With grad enabled, the rows are recorded for the sparse optimizer (autograd leaves, made
+        on ``device``): DGL's SparseAdam exchanges and applies their gradients on the device
+        they are on, so on a GPU worker this is the worker's own GPU (DGL's own default,
+        ``cuda:<global rank>``, is wrong with one GPU per node and is never used then)."""
         if self.user_emb is None:
             raise MagnetError("call GraphClient.init_embeddings(dim) before input_embeddings")
-        return torch.cat([self.user_emb(blocks.input_users), self.item_emb(blocks.input_items)])
+        device = torch.device(device or "cpu")
+        return torch.cat(
+            [
+                self.user_emb(blocks.input_users, device=device),
+                self.item_emb(blocks.input_items, device=device),
+            ]
+        )
 
     def embeddings(self, ntype: str, orig_ids) -> torch.Tensor:
         """Current ID embeddings of some nodes (original ids), no gradient."""

@@ -247,12 +247,16 @@ def start_servers(
     log_dir: str | Path | None = None,
     timeout_s: float = 120.0,
     omp_threads: int = 1,
+    bind_host: str | None = None,
 ) -> ServerGroup:
     """Start the graph servers of ``parts`` (default: all) and wait until they listen.
 
     ``num_clients``: trainers that will connect, all partitions together (default: one per
     partition). ``ip_config``: an existing file naming every partition's server (multi-node);
     default: write ``<log_dir>/ip_config.txt`` with ``host base_port+p`` for every partition.
+    ``bind_host``: the address the servers bind when it is not the one the clients dial
+    (``0.0.0.0``); DGL's server binds its own line of the ip_config, so the servers get a copy
+    with that line changed. ``omp_threads``: OpenMP / torch threads of each server (sampling).
     Raises MagnetError (after stopping what it started) if a port is taken, a server exits, or
     a server does not listen within ``timeout_s``.
     """
@@ -278,8 +282,14 @@ def start_servers(
     group = ServerGroup(
         part_config, ip_config, int(num_clients or n_parts), addresses, start_s=time.monotonic()
     )
+    server_ip_config = ip_config
+    if bind_host is not None and any(addresses[p].host != bind_host for p in parts):
+        server_ip_config = write_ip_config(
+            log_dir / "server_ip_config.txt",
+            [(bind_host if a.part in parts else a.host, a.port) for a in addresses],
+        )
     for p in parts:
-        check_port_free(addresses[p].host, addresses[p].port)
+        check_port_free(bind_host or addresses[p].host, addresses[p].port)
     atexit.register(group.stop)
     try:
         for p in parts:
@@ -287,13 +297,13 @@ def start_servers(
             with open(group.logs[p], "w") as log:
                 group.procs[p] = subprocess.Popen(
                     [sys.executable, "-m", "magnet_dist.graph.servers", "--serve"]
-                    + ["--part-config", str(part_config), "--ip-config", str(ip_config)]
+                    + ["--part-config", str(part_config), "--ip-config", str(server_ip_config)]
                     + ["--part", str(p), "--num-clients", str(group.num_clients)]
                     + ["--parent-pid", str(os.getpid())],
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env={**os.environ, "OMP_NUM_THREADS": str(omp_threads)},
+                    env={**os.environ, "OMP_NUM_THREADS": str(int(omp_threads))},
                     start_new_session=True,
                 )
         _wait_listening(group, parts, timeout_s)
@@ -369,9 +379,12 @@ def serve(
         threading.Thread(
             target=_exit_with_parent, args=(parent_pid, tag), daemon=True, name="parent-watch"
         ).start()
+    import torch
     from dgl.distributed import rpc
     from dgl.distributed.dist_graph import DistGraphServer
 
+    # sampling threads: OMP_NUM_THREADS from start_servers (trainer.server_threads)
+    torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS") or 1)))
     rpc.reset()
     server = DistGraphServer(
         part,

@@ -9,9 +9,11 @@ statistics, ranking sums) with torch.distributed, so every worker takes the same
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -29,6 +31,7 @@ from magnet_dist.eval.metrics import RankingSums
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 from magnet_dist.model.magnet import LossOutput, MagnetModel, parameter_groups
 from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
+from magnet_dist.parallel.device import collective_device, collective_tensor, worker_device
 from magnet_dist.train.batches import NegativeSampler, batch_rng
 from magnet_dist.train.common import (
     SELECTION_METRIC,
@@ -63,15 +66,21 @@ def sampled_loss(
     state: ScheduleState,
     reduce_stats=None,
     seed: int | None = None,
+    device: torch.device | None = None,
 ) -> LossOutput:
     """The loss of one batch on neighbour-sampled blocks (both views from one sampling pass).
 
     ``neg`` is ``[B, n_neg]``; ids are the dataset's 0-based ids. ``seed``: the neighbour
-    sample is a pure function of it (see :func:`step_seed`)."""
+    sample is a pure function of it (see :func:`step_seed`). ``device``: the model's
+    (:func:`~magnet_dist.parallel.device.worker_device`); sampling stays on the CPU, the blocks
+    and the embedding rows move there (the rows' gradients, and so DGL's sparse optimizer
+    step, follow them)."""
     n = users.numel()
     items = torch.cat([pos, neg.reshape(-1)])
     blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale, seed=seed)
-    emb = client.input_embeddings(blocks)
+    if device is not None and device.type != "cpu":
+        blocks = blocks.to(device)
+    emb = client.input_embeddings(blocks, device=device)
     reps = model.encode(blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out)
     user_out = blocks.user_rows
     pos_out, neg_out = blocks.item_rows[:n], blocks.item_rows[n:]
@@ -127,18 +136,23 @@ def dense_eval_model(model: MagnetModel, cfg: Config, world: int) -> MagnetModel
     """A single-process copy for scoring: with expert parallelism, every rank gathers all
     experts (they are small) so ranking needs no collective per score call."""
     if model.moe is None or not hasattr(model.moe, "local_experts"):
-        return model
+        # ranking runs on the CPU (DGL's full-neighbourhood blocks are CPU tensors)
+        return model if _on_cpu(model) else copy.deepcopy(model).cpu().eval()
     from magnet_dist.parallel.checkpoint import dense_state_dict, expert_shard_state
 
     dense = MagnetModel(cfg, model.content_dims)
-    dense.load_state_dict(dense_state_dict(model), strict=False)
+    dense.load_state_dict({k: v.cpu() for k, v in dense_state_dict(model).items()}, strict=False)
     shards: list[Any] = [None] * world
     dist.all_gather_object(shards, expert_shard_state(model.moe))
     for shard_state in shards:
         for gid, sd in shard_state["experts"].items():
-            dense.moe.experts[int(gid)].load_state_dict(sd)
+            dense.moe.experts[int(gid)].load_state_dict({k: v.cpu() for k, v in sd.items()})
     dense.eval()
     return dense
+
+
+def _on_cpu(model: torch.nn.Module) -> bool:
+    return all(p.device.type == "cpu" for p in model.parameters())
 
 
 def evaluate_sharded(scorer, client, ctx: WorkerContext, evaluators: dict) -> dict[str, float]:
@@ -159,17 +173,16 @@ def evaluate_sharded(scorer, client, ctx: WorkerContext, evaluators: dict) -> di
     for prefix, ev in evaluators.items():
         users = ev.users[(ev.users >= lo) & (ev.users < hi)]
         sums = ev.sums(score_fn, users=users) if users.size else RankingSums.empty(ev.ks)
-        flat = sums.to_tensor()
+        flat = sums.to_tensor().to(collective_device())
         dist.all_reduce(flat)
-        metrics.update(RankingSums.from_tensor(flat, ev.ks).metrics(prefix))
+        metrics.update(RankingSums.from_tensor(flat.cpu(), ev.ks).metrics(prefix))
     return metrics
 
 
 def assert_same_schedule(state: ScheduleState) -> None:
     """Every worker must be in the same stage with the same switch step (cheap all-reduce)."""
-    code = torch.tensor(
-        [float(state.stage == "specialisation"), float(state.switch_step or -1)],
-        dtype=torch.float64,
+    code = collective_tensor(
+        [float(state.stage == "specialisation"), float(state.switch_step or -1)]
     )
     lo, hi = code.clone(), code.clone()
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
@@ -179,9 +192,69 @@ def assert_same_schedule(state: ScheduleState) -> None:
 
 
 def mean_over_workers(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
+    t = collective_tensor(values)
     dist.all_reduce(t)
-    return (t / dist.get_world_size()).tolist()
+    return (t / dist.get_world_size()).cpu().tolist()
+
+
+def server_bind_host(host: str, node_ip: str, interface: str | None = None) -> str:
+    """The address a graph server binds, from ``trainer.host``: ``node`` = this node's Ray IP
+    (the address of ``trainer.interface`` when that is set); anything else literally (loopback
+    by default; ``0.0.0.0`` only when a config asks for it)."""
+    if host != "node":
+        return host
+    if interface:
+        return interface_ipv4(interface)
+    return node_ip
+
+
+def interface_ipv4(interface: str) -> str:
+    """The IPv4 address of network interface ``interface`` (``trainer.interface``)."""
+    import psutil
+
+    addrs = psutil.net_if_addrs()
+    for addr in addrs.get(interface, []):
+        if addr.family == socket.AF_INET:
+            return addr.address
+    raise MagnetError(
+        f"trainer.interface={interface!r} has no IPv4 address on {socket.gethostname()} "
+        f"(interfaces: {', '.join(sorted(addrs))}); name one of them, or unset it"
+    )
+
+
+def check_colocation(entries: list[tuple], host: str) -> None:
+    """Every worker maps its partition's node data from the local /dev/shm, so it must run on
+    the node of that partition's graph server. ``entries``: every rank's ``(rank, part,
+    node_ip, advertised, port, bind)``; the owner of a partition has a port."""
+    owners = {e[1]: e for e in entries if e[4] is not None}
+    for rank, part, node_ip, *_ in entries:
+        server = owners[part]
+        if node_ip != server[2]:
+            raise MagnetError(
+                f"rank {rank} runs on node {node_ip} but the graph server of its partition "
+                f"{part} runs on node {server[2]} (rank {server[0]}): a partition's workers "
+                "read its data through the server node's shared memory and must share its "
+                "node. Fix the placement: train.placement_strategy STRICT_SPREAD with one "
+                "worker per partition (train.workers == graph.partitions), or "
+                "train.cpus_per_worker large enough that a node holds only the workers of one "
+                "partition"
+            )
+    nodes = sorted({e[2] for e in entries})
+    if len(nodes) > 1 and host not in ("node", "0.0.0.0") and is_loopback(host):
+        raise MagnetError(
+            f"trainer.host={host} (loopback) but the workers run on {len(nodes)} nodes "
+            f"({', '.join(nodes)}): the graph servers would be unreachable from the other "
+            "nodes; set trainer.host: node (binds each node's Ray IP)"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def start_partition_server(
@@ -196,14 +269,18 @@ def start_partition_server(
 
     per_part = ctx.world // ctx.num_parts
     owner = ctx.rank % per_part == 0
-    ip = ray.util.get_node_ip_address()
+    node_ip = ray.util.get_node_ip_address()
+    bind = server_bind_host(cfg.trainer.host, node_ip, cfg.trainer.interface)
+    # the address the clients dial: the bound one, or this node's when bound to every interface
+    advertised = node_ip if bind == "0.0.0.0" else bind
     # base_port 0: every attempt (a restart after a failure, too) takes ports that are free
     # now on the owner's node, so a restarted group never races the dead group's sockets, and
     # its shared-memory names (tagged with the port) never meet the dead servers' segments
-    port = (base_port + ctx.part if base_port else free_base_port(ip)) if owner else None
+    port = (base_port + ctx.part if base_port else free_base_port(bind)) if owner else None
     entries: list[Any] = [None] * ctx.world
-    dist.all_gather_object(entries, (ctx.part, ip, port) if owner else None)
-    addrs = {part: (host, port) for part, host, port in (e for e in entries if e is not None)}
+    dist.all_gather_object(entries, (ctx.rank, ctx.part, node_ip, advertised, port, bind))
+    check_colocation(entries, cfg.trainer.host)
+    addrs = {e[1]: (e[3], e[4]) for e in entries if e[4] is not None}
     if log_dir is not None:  # in the run folder: a killed worker leaves nothing in /tmp
         Path(log_dir).mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix=f"magnet-worker{ctx.rank}-", dir=log_dir))
@@ -219,6 +296,8 @@ def start_partition_server(
             ip_config=ip_config,
             log_dir=tempfile.mkdtemp(prefix=f"graph-server-p{ctx.part}-", dir=log_root),
             timeout_s=cfg.trainer.server_timeout_s,
+            omp_threads=cfg.trainer.server_threads,
+            bind_host=bind,
         )
     dist.barrier()
     return group, ip_config, workdir
@@ -400,6 +479,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     num_parts = int(config["num_parts"])
     ctx = WorkerContext(rank, world, part_for_rank(rank, world, num_parts), num_parts)
     torch.set_num_threads(cfg.train.threads_per_worker or max(1, int(cfg.train.cpus_per_worker)))
+    device = worker_device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)
     progress = bool(config.get("progress")) and rank == 0
     os.environ[FAULT_LOG_ENV] = str(run_dir / FAILURE_LOG)
@@ -432,7 +512,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if cfg.model.use_moe
             else None
         )
-        model = MagnetModel(cfg, dict(ds.modalities), moe=moe)
+        model = MagnetModel(cfg, dict(ds.modalities), moe=moe).to(device)
         broadcast_parameters(model)
         client.init_embeddings(cfg.model.dim, init="xavier", seed=cfg.train.seed)
         emb_opt = client.sparse_optimizer(cfg.train.lr)
@@ -507,7 +587,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         every_steps = cfg.train.checkpoint_every_steps
         t0, pairs, step_seconds = time.time(), 0, 0.0
         # every rank takes as many steps per epoch as the rank with the most local edges
-        max_local = torch.tensor([len(users_local)], dtype=torch.int64)
+        max_local = collective_tensor([len(users_local)], dtype=torch.int64)
         dist.all_reduce(max_local, op=dist.ReduceOp.MAX)
         last_routing = None  # routing summary of the last epoch trained
         for epoch in range(start_epoch, cfg.train.epochs):
@@ -549,6 +629,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     state,
                     stats_all_reduce() if model.moe is not None else None,
                     seed=seed,
+                    device=device,
                 )
                 out.loss.backward()
                 allreduce_gradients(model)

@@ -14,11 +14,17 @@ from magnet_dist.config import Config
 
 def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
     path = Path(cfg.data.path)
+    rebuild = False
     if (path / "manifest.json").exists():
-        return path
+        why = stale_dataset(cfg, path)
+        if why is None:
+            return path
+        print(f"[pipeline] dataset {path}: {why}; rebuilding it from {cfg.data.source!r}")
+        rebuild = True
     from magnet_dist.data.prepare import prepare_dataset
 
-    print(f"[pipeline] dataset {path} missing: preparing it from source {cfg.data.source!r}")
+    if not rebuild:
+        print(f"[pipeline] dataset {path} missing: preparing it from source {cfg.data.source!r}")
     t0 = time.time()
     prepare_dataset(
         cfg.data.source,
@@ -29,9 +35,33 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
         items=cfg.data.synthetic_items,
         interactions=cfg.data.synthetic_interactions,
         quiet=quiet,
+        force=rebuild,
     )
     print(f"[pipeline] prepared {path} in {time.time() - t0:.1f} s")
     return path
+
+
+REBUILDABLE = ("movielens-100k",)  # fixed input: the config alone rebuilds the same data
+
+
+def stale_dataset(cfg: Config, path: Path) -> str | None:
+    """None if the prepared dataset at ``path`` can be used; why not, if it can be rebuilt from
+    the config (its split was made by an older rule); raises DataError if it cannot."""
+    from magnet_dist.data.dataset import load_manifest
+    from magnet_dist.data.split import stale_split
+    from magnet_dist.errors import DataError
+
+    manifest = load_manifest(path)
+    why = stale_split(manifest)
+    if why is None:
+        return None
+    same = manifest["source"] == cfg.data.source and manifest.get("seed") == cfg.data.seed
+    if same and cfg.data.source in REBUILDABLE:
+        return why
+    raise DataError(
+        f"dataset {path}: {why}. Its metrics would not compare with MMRec's tables; rebuild it "
+        f"with `magnet-dist prepare --source {manifest['source']} ... --out {path} --force`"
+    )
 
 
 def ensure_content_edges(cfg: Config, quiet: bool = False) -> None:

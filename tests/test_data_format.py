@@ -144,8 +144,10 @@ def test_existing_output_needs_force(tmp_path):
         (5, (3, 1, 1)),
         (9, (7, 1, 1)),
         (10, (8, 1, 1)),
-        (25, (21, 2, 2)),
+        (15, (12, 1, 2)),  # MMRec: h = int(0.2 n) = 3 held out, the larger half to test
+        (25, (20, 2, 3)),
         (100, (80, 10, 10)),
+        (101, (81, 10, 10)),
     ],
 )
 def test_per_user_split_sizes(n, expected):

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from magnet_dist.data.split import generated_split_rule
 from magnet_dist.data.validate import DUPLICATE_POLICIES
 from magnet_dist.data.writer import DatasetWriter
 from magnet_dist.errors import DataError
@@ -157,6 +158,7 @@ def prepare_dataset(
         details = dict(info.get("details", {}))
         details["duplicates_merged"] = int(info.get("duplicates_merged", 0))
         details["duplicates_policy"] = duplicates
+        details["split_rule"] = generated_split_rule(source, details)
         if path is not None:
             details["input"] = str(Path(path).expanduser().absolute())
         result = writer.commit(info["num_users"], info["num_items"], details)

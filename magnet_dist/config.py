@@ -153,6 +153,12 @@ class TrainConfig(_Section):
     # distributed: also checkpoint every N training steps (0 = only at epoch ends), with the
     # position inside the epoch, so a restarted worker group loses at most N steps
     checkpoint_every_steps: int = Field(0, ge=0)
+    # distributed: also checkpoint when this many minutes of wall clock have passed since the
+    # last checkpoint (0 = off); rank 0's clock decides, so every rank reports on the same step
+    checkpoint_every_minutes: float = Field(0.0, ge=0)
+    # resume although config keys that change the result differ from the checkpoint's (they
+    # are printed); by default such a resume is refused (train/checkpoint.py RESUMABLE_CHANGES)
+    resume_changed_config: bool = False
     max_failures: int = Field(0, ge=-1)  # Ray Train worker-group restarts (-1: unlimited)
     threads_per_worker: int | None = None  # torch threads per worker (default: cpus_per_worker)
     cpus_per_worker: float = Field(1.0, gt=0)  # Ray resources reserved per training worker

@@ -15,6 +15,7 @@ from typing import Any
 
 from magnet_dist.config import Config
 from magnet_dist.errors import MagnetError
+from magnet_dist.locks import run_lock
 
 
 def check_layout(cfg: Config) -> int:
@@ -144,16 +145,17 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     # every input is checked before anything is written or started: a damaged Parquet file
     # (checksums of manifest.json), partitions of other data, a checkpoint of another config
     load_dataset(cfg.data.path, verify_checksum=True)
+    # a refused resume must not have rebuilt partitions (or anything else) first
+    check_resume_checkpoint(cfg, experiment_dir(cfg))
     part_config = ensure_partitions(cfg, quiet=not progress)
     num_parts = check_layout(cfg)
     run_dir = cfg.run_dir.resolve()
     storage = Path(cfg.train.storage_path or run_dir / "ray").resolve()
-    check_resume_checkpoint(cfg, storage / cfg.train.run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     # graph servers that were SIGKILLed (a fault, the OOM killer) leave shared memory behind:
     # clean it once Ray is done (on leaving both blocks)
-    with _remove_dead_segments_after(run_dir), ray_cluster(cfg):
+    with run_lock(run_dir), _remove_dead_segments_after(run_dir), ray_cluster(cfg):
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config={
@@ -206,15 +208,16 @@ def _remove_dead_segments_after(run_dir: Path):
         remove_dead_server_segments(run_dir, wait_s=10.0)
 
 
-def check_resume_checkpoint(cfg: Config, experiment: Path) -> None:
-    """Refuse, before Ray starts, the checkpoint Ray Train would resume this run from if it was
-    written under another config or is damaged (the workers would fail on it, and be retried
-    ``train.max_failures`` times). Reads Ray's checkpoint manager snapshot of the run; a
-    snapshot it cannot read is left to Ray."""
-    import zipfile
+def check_resume_checkpoint(cfg: Config, experiment: Path | None) -> None:
+    """Refuse, before Ray starts, the checkpoint Ray Train would resume this run from if any of
+    its files is damaged or missing, or it was written under a config that differs in a key
+    that changes the result (the workers would fail on it, or resume silently changed, and be
+    retried ``train.max_failures`` times). Reads Ray's checkpoint manager snapshot of the run;
+    a snapshot it cannot read is left to Ray."""
+    from magnet_dist.train.checkpoint import load_checkpoint, verify_checkpoint_dir
 
-    from magnet_dist.train.checkpoint import load_checkpoint
-
+    if experiment is None:
+        return
     snapshot = experiment / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return
@@ -231,22 +234,19 @@ def check_resume_checkpoint(cfg: Config, experiment: Path) -> None:
             "another train.run_name / train.storage_path"
         )
     try:
-        load_checkpoint(directory / "dense.pt", cfg)
+        verify_checkpoint_dir(directory)
+        load_checkpoint(directory / "dense.pt", cfg, resume=True)
     except MagnetError as err:
         raise MagnetError(f"cannot resume run {cfg.train.run_name!r}: {err}") from None
-    for path in sorted(directory.iterdir()):
-        if path.name == "dense.pt" or not path.is_file() or ".pt" not in path.name:
-            continue
-        try:
-            with zipfile.ZipFile(path) as archive:  # torch.save files: CRC of every record
-                bad = archive.testzip()
-        except (zipfile.BadZipFile, OSError) as err:
-            bad = str(err)
-        if bad is not None:
-            raise MagnetError(
-                f"cannot resume run {cfg.train.run_name!r}: checkpoint file {path} is damaged "
-                f"({bad}); delete {directory.parent} to start over"
-            )
+
+
+def experiment_dir(cfg: Config) -> Path | None:
+    """Where Ray Train keeps this run's checkpoints (``cfg`` with absolute paths); None for a
+    URI (remote storage: each worker verifies the checkpoint it loads)."""
+    if cfg.train.storage_path and "://" in cfg.train.storage_path:
+        return None
+    storage = Path(cfg.train.storage_path or cfg.run_dir.resolve() / "ray").resolve()
+    return storage / cfg.train.run_name
 
 
 def explain_failure(error: BaseException, failure_log: Path, since: float) -> BaseException:

@@ -7,6 +7,7 @@ trainer (``train/batches.py``), dense MoE. It is what every distributed path is 
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,7 @@ from tqdm import tqdm
 from magnet_dist.config import Config
 from magnet_dist.data.dataset import Dataset, load_dataset
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
+from magnet_dist.locks import run_lock
 from magnet_dist.model.hops import Hop, full_graph_hop
 from magnet_dist.model.magnet import MagnetModel, parameter_groups
 from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
@@ -30,6 +32,7 @@ from magnet_dist.train.common import (
     expert_table,
     finish_run,
     step_row,
+    truncate_evaluations,
 )
 from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomic
 
@@ -93,6 +96,11 @@ def evaluate(model, graph: FullGraph, emb, evaluator: SplitEvaluator, prefix: st
 
 def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
     """Train, select on validation Recall@20, test the best model, write the run folder."""
+    with ExitStack() as hold:  # the run lock, once the inputs are checked
+        return _train_reference(cfg, progress, hold)
+
+
+def _train_reference(cfg: Config, progress: bool, hold: ExitStack) -> dict[str, Any]:
     from magnet_dist.graph.content import read_content_edges
 
     # inputs first (checksums of manifest.json: a damaged Parquet file fails here), so a bad
@@ -101,7 +109,10 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
     edges = read_content_edges(cfg.data.path) if cfg.model.content_view else None
     graph = FullGraph(ds, cfg, edges)
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / "checkpoints" / "reference.pt"
+    # a resume is checked (every byte, every config key) before anything is written
+    ck = load_checkpoint(ckpt_path, cfg, resume=True) if ckpt_path.exists() else None
+    hold.enter_context(run_lock(run_dir))
     write_config(run_dir, cfg)
     model = build_model(cfg, ds)
     emb = init_id_embeddings(ds.num_users + ds.num_items, cfg.model.dim, cfg.train.seed)
@@ -116,19 +127,19 @@ def train_reference(cfg: Config, progress: bool = True) -> dict[str, Any]:
     test = SplitEvaluator(ds, 2, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk)
     stopper = EarlyStopping(cfg.train.patience)
     state, step, start_epoch = ScheduleState(), 0, 0
-    ckpt_path = run_dir / "checkpoints" / "reference.pt"
     best_path = run_dir / "checkpoints" / "best.pt"
     log = StepLog(run_dir)
-    if ckpt_path.exists():
-        ck = load_checkpoint(ckpt_path, cfg)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         emb.load_state_dict(ck["embeddings"])
         opt.load_state_dict(ck["optimizer"])
         state = ScheduleState.from_dict(ck["schedule"])
         stopper.load_state_dict(ck["early_stopping"])
         step, start_epoch = ck["step"], ck["epoch"] + 1
-        log.resume_at(step)
         print(f"[reference] resumed from {ckpt_path} at epoch {start_epoch}, step {step}")
+    # rows an earlier attempt logged after this step (all of them on a fresh start) go
+    log.resume_at(step)
+    truncate_evaluations(run_dir, step)
 
     t0 = time.time()
     pairs_trained, step_seconds = 0, 0.0

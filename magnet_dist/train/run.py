@@ -29,10 +29,12 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
+    from magnet_dist.train.checkpoint import check_resume
     from magnet_dist.train.common import print_metrics
     from magnet_dist.train.pipeline import ensure_stages
 
     progress = not args.quiet and sys.stderr.isatty()
+    check_resume(cfg)  # a refused resume changes nothing, not even the dataset's content edges
     ensure_stages(cfg, quiet=not progress)
     if cfg.trainer.mode == "reference":
         from magnet_dist.train.reference import train_reference

@@ -24,16 +24,31 @@ class StepLog:
         self._file = None
         self._writer = None
         self._tb = None
+        self._tb_dir = Path(run_dir) / "tensorboard" if enabled and tensorboard else None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            if tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+    def _open_tensorboard(self, purge_step: int | None = None) -> None:
+        if self._tb_dir is not None and self._tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(self._tb_dir), purge_step=purge_step)
 
     def resume_at(self, step: int) -> None:
-        """Drop rows logged after ``step`` (a resumed run re-logs them) and keep appending."""
-        if not self.enabled or not self.path.exists():
+        """Drop rows logged after ``step`` (a resumed or restarted run re-logs them; ``step``
+        0: a fresh start, everything goes) and keep appending. TensorBoard: events of an
+        earlier start are removed (step 0), or purged from ``step + 1`` on by the reader."""
+        if not self.enabled:
+            return
+        if step == 0:
+            self.path.unlink(missing_ok=True)
+            self._fields = None
+            if self._tb_dir is not None and self._tb is None and self._tb_dir.is_dir():
+                for events in self._tb_dir.glob("events.out.tfevents.*"):
+                    events.unlink()
+            return
+        self._open_tensorboard(purge_step=step + 1)
+        if not self.path.exists():
             return
         with self.path.open() as f:
             rows = list(csv.DictReader(f))
@@ -68,6 +83,7 @@ class StepLog:
             if not exists:
                 self._writer.writeheader()
         self._writer.writerow(row)
+        self._open_tensorboard()
         if self._tb is not None:
             for key, value in row.items():
                 if key != "step" and isinstance(value, int | float):

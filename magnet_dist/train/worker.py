@@ -307,11 +307,12 @@ def save_worker_checkpoint(
     directory: Path, ctx: WorkerContext, model, client, opts: dict, emb_opt, extra: dict, cfg
 ) -> None:
     """Each worker writes only its shard: rank 0 the dense state; every rank its experts, its
-    embedding rows and their sparse Adam state."""
+    embedding rows and their sparse Adam state, then (last) its manifest of what it wrote."""
     from magnet_dist.parallel.checkpoint import dense_state_dict, save_expert_shard
-    from magnet_dist.train.checkpoint import save_checkpoint
+    from magnet_dist.train.checkpoint import save_checkpoint, write_manifest
 
     directory.mkdir(parents=True, exist_ok=True)
+    written = []
     if ctx.rank == 0:
         payload = {
             "model": dense_state_dict(model),
@@ -319,17 +320,24 @@ def save_worker_checkpoint(
             **extra,
         }
         save_checkpoint(directory / "dense.pt", cfg, payload)
+        written.append(directory / "dense.pt")
     if model.moe is not None:
-        save_expert_shard(model.moe, directory, optimizer=opts.get("expert"))
-    client.save_embeddings(directory / "embeddings", ctx.rank, ctx.world)
-    emb_opt.save(directory / f"sparse-adam-rank{ctx.rank:03d}.pt")
+        written.append(save_expert_shard(model.moe, directory, optimizer=opts.get("expert")))
+    written.append(client.save_embeddings(directory / "embeddings", ctx.rank, ctx.world))
+    sparse = f"sparse-adam-rank{ctx.rank:03d}.pt"
+    emb_opt.save(directory / sparse)  # DGL appends _<rank>
+    written += sorted(directory.glob(f"{sparse}_*"))
+    write_manifest(directory, [p for p in written if p is not None], ctx.rank, ctx.world)
 
 
 def load_worker_checkpoint(directory: Path, ctx, model, client, opts, emb_opt, cfg) -> dict:
+    """Restore this worker's state from a checkpoint folder, once every file of it is
+    verified (sizes and sha256 of every worker's manifest)."""
     from magnet_dist.parallel.checkpoint import load_dense_state_dict, load_expert_shard
-    from magnet_dist.train.checkpoint import load_checkpoint
+    from magnet_dist.train.checkpoint import load_checkpoint, verify_checkpoint_dir
 
-    ck = load_checkpoint(directory / "dense.pt", cfg)
+    verify_checkpoint_dir(directory)
+    ck = load_checkpoint(directory / "dense.pt", cfg, resume=True)
     load_dense_state_dict(model, ck["model"])
     opts["dense"].load_state_dict(ck["optimizer"])
     if model.moe is not None:
@@ -566,12 +574,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 start_epoch, start_batch = ck["epoch"], int(ck["batch"])
             if stopper.should_stop:
                 start_epoch = cfg.train.epochs
-            log.resume_at(step)
             if rank == 0:
-                truncate_evaluations(run_dir, step)
                 message = f"resumed at epoch {start_epoch}, batch {start_batch}, step {step}"
                 print(f"[distributed] {message}", flush=True)
                 record_fault(message, kind="resume")
+        # what an earlier attempt logged after this step goes (all of it when a restarted group
+        # has no checkpoint yet: it starts again from step 0)
+        log.resume_at(step)
+        if rank == 0:
+            truncate_evaluations(run_dir, step)
 
         def report_checkpoint(metrics: dict, extra: dict, name: str) -> None:
             log.flush()  # every step up to this one is in metrics.csv before it is registered

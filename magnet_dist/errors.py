@@ -40,27 +40,37 @@ def output_error(err: OSError, path: object) -> OutputError:
 
 
 FAULT_LOG_ENV = "MAGNET_FAULT_LOG"
+FAULT_ATTEMPT_ENV = "MAGNET_RUN_ATTEMPT"
 
 
 def record_fault(message: str, kind: str = "fault") -> None:
-    """Append ``message`` to the run's fault log (``$MAGNET_FAULT_LOG``, set by the distributed
-    worker), so the driver can name the cause when a worker process had to end itself (a
-    dead graph server, an RPC timeout) and Ray only reports that the worker died.
-    ``kind="resume"`` records where a restarted worker group resumed."""
+    """Append ``message`` to this rank's fault log (``$MAGNET_FAULT_LOG``:
+    ``<run_dir>/failures/rank<r>.log``, set by the distributed worker; one writer per file,
+    so no interleaved appends on NFS), tagged with the driver's run attempt id
+    (``$MAGNET_RUN_ATTEMPT``), so the driver can name the cause when a worker process had to
+    end itself (a dead graph server, an RPC timeout) and Ray only reports that the worker
+    died. ``kind="resume"`` records where a restarted worker group resumed."""
     import json
     import os
+    import socket
     import time
 
     path = os.environ.get(FAULT_LOG_ENV)
     if not path:
         return
+    entry = {
+        "time": time.time(),
+        "attempt": os.environ.get(FAULT_ATTEMPT_ENV),
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "kind": kind,
+        "message": message,
+    }
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a") as f:
-            f.write(
-                json.dumps(
-                    {"time": time.time(), "pid": os.getpid(), "kind": kind, "message": message}
-                )
-            )
-            f.write("\n")
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())  # the worker may os._exit right after this
     except OSError:
         pass

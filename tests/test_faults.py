@@ -91,9 +91,12 @@ def stale_segments() -> set[str]:
 
 
 def log_entries(run: Path, kind: str) -> list[dict]:
-    path = run / "failures.log"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [e for e in map(json.loads, lines) if e["kind"] == kind]
+    """Entries of every rank's ``failures/rank<r>.log`` (all run attempts), oldest first."""
+    lines = [
+        line for f in (run / "failures").glob("rank*.log") for line in f.read_text().splitlines()
+    ]
+    entries = sorted(map(json.loads, lines), key=lambda e: e["time"])
+    return [e for e in entries if e["kind"] == kind]
 
 
 def events(run: Path, kind: str) -> list[str]:
@@ -302,24 +305,48 @@ def test_fixed_server_port_is_free_again_while_old_connections_linger():
 
 def test_failure_is_explained_by_the_first_recorded_cause(tmp_path):
     """A dead server's worker records the cause; the teardown that follows can make another
-    worker record its own server's death: the cause is the first note of this run, and
-    notes of earlier runs in the same folder are ignored."""
+    worker record its own server's death: the cause is the first note of this run attempt
+    (each rank writes its own file), and notes of earlier attempts in the same folder are
+    ignored whatever their clocks say."""
     from magnet_dist.train.distributed import explain_failure
 
-    log = tmp_path / "failures.log"
-    entries = [
-        (90.0, "fault", "an earlier run's server died"),
-        (100.0, "resume", "resumed at epoch 0, batch 4, step 4"),
-        (101.0, "fault", "graph server of partition 1 exited with status -9"),
-        (102.0, "fault", "graph server of partition 0 exited with status -9"),
-    ]
-    log.write_text(
-        "".join(json.dumps({"time": t, "kind": k, "message": m}) + "\n" for t, k, m in entries)
-        + "not json\n"
-    )
-    error = explain_failure(RuntimeError("Training failed due to worker errors:"), log, 95.0)
+    failures = tmp_path / "failures"
+    failures.mkdir()
+    entries = {
+        0: [
+            (190.0, "old", "fault", "an earlier run's server died (a clock ahead)"),
+            (102.0, "this", "fault", "graph server of partition 0 exited with status -9"),
+        ],
+        1: [
+            (100.0, "this", "resume", "resumed at epoch 0, batch 4, step 4"),
+            (101.0, "this", "fault", "graph server of partition 1 exited with status -9"),
+        ],
+    }
+    for rank, rows in entries.items():
+        (failures / f"rank{rank}.log").write_text(
+            "".join(
+                json.dumps({"time": t, "attempt": a, "kind": k, "message": m}) + "\n"
+                for t, a, k, m in rows
+            )
+            + "not json\n"
+        )
+    error = explain_failure(RuntimeError("Training failed due to worker errors:"), failures, "this")
     assert isinstance(error, MagnetError)
     assert str(error).startswith("distributed training failed: graph server of partition 1")
-    assert "all 2 note(s)" in str(error) and str(log) in str(error)
+    assert "all 2 note(s)" in str(error) and str(failures) in str(error), str(error)
     plain = RuntimeError("no note")
-    assert explain_failure(plain, log, 200.0) is plain
+    assert explain_failure(plain, failures, "another") is plain
+
+
+def test_record_fault_writes_this_ranks_file_with_the_attempt(tmp_path, monkeypatch):
+    from magnet_dist.errors import FAULT_ATTEMPT_ENV, FAULT_LOG_ENV, record_fault
+    from magnet_dist.train.distributed import read_fault_notes
+
+    monkeypatch.setenv(FAULT_LOG_ENV, str(tmp_path / "failures" / "rank3.log"))
+    monkeypatch.setenv(FAULT_ATTEMPT_ENV, "a1")
+    record_fault("first")
+    record_fault("resumed", kind="resume")
+    notes = read_fault_notes(tmp_path / "failures", "a1")
+    assert [(n["kind"], n["message"]) for n in notes] == [("fault", "first"), ("resume", "resumed")]
+    assert all(n["file"].endswith("rank3.log") and n["pid"] == os.getpid() for n in notes)
+    assert read_fault_notes(tmp_path / "failures", "a2") == []

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,24 @@ def ray_worker_env_as_seen() -> dict[str, str | None]:
     return {k: os.environ.get(k) for k in RAY_WORKER_ENV}
 
 
+def job_env(cfg: Config) -> dict[str, str]:
+    """The variables every worker of the job gets: :data:`RAY_WORKER_ENV`, and with
+    ``trainer.interface`` the interface gloo and NCCL use (read when Ray Train creates the
+    process group, before the training function runs)."""
+    env = dict(RAY_WORKER_ENV)
+    if cfg.trainer.interface:
+        env["GLOO_SOCKET_IFNAME"] = cfg.trainer.interface
+        env["NCCL_SOCKET_IFNAME"] = cfg.trainer.interface
+    return env
+
+
+def embedded_node_ip(host: str) -> str:
+    """The node IP of an embedded (single-machine) Ray: ``trainer.host`` when it names one
+    address; loopback for ``node`` and ``0.0.0.0`` (a machine's cluster config run locally
+    stays on loopback; its graph servers then bind this IP, or 0.0.0.0 when asked)."""
+    return "127.0.0.1" if host in ("node", "0.0.0.0") else host
+
+
 PLACEMENT_GROUP_CLEANER_LOGGER = (
     "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 )
@@ -101,16 +120,16 @@ def ray_cluster(cfg: Config):
         return
     if address:
         # merged with the runtime_env of `ray job submit` (Ray refuses a conflicting value)
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": RAY_WORKER_ENV})
+        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": job_env(cfg)})
     else:
         cpus = max(int(cfg.train.workers * cfg.train.cpus_per_worker) + 1, os.cpu_count() or 1)
         ray.init(
             num_cpus=cpus,
             include_dashboard=False,
-            _node_ip_address=cfg.trainer.host,
+            _node_ip_address=embedded_node_ip(cfg.trainer.host),
             log_to_driver=True,
             runtime_env={
-                "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **RAY_WORKER_ENV},
+                "env_vars": {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **job_env(cfg)},
                 "worker_process_setup_hook": f"{__name__}.{quiet_placement_group_cleaner.__name__}",
             },
         )
@@ -121,15 +140,68 @@ def ray_cluster(cfg: Config):
 
 
 def with_absolute_paths(cfg: Config) -> Config:
-    """Ray Train workers run in their own working directory: every path they get is absolute."""
+    """Ray Train workers run in their own working directory: every path they get is absolute.
+
+    ``train.storage_path`` (Ray Train's checkpoints) may be a URI Ray Train and pyarrow.fs
+    accept (``s3://``, ``gs://``, ``hdfs://``...): passed to Ray unchanged; ``file://`` becomes
+    the local path it names. Dataset, partitions and run folder are read and written with plain
+    file I/O (DGL, Parquet, metrics): they must be paths, local or on a shared filesystem."""
     cfg = cfg.model_copy(deep=True)
+    for key, value in (
+        ("data.path", cfg.data.path),
+        ("graph.partition_dir", cfg.graph.partition_dir),
+        ("train.run_dir", cfg.train.run_dir),
+    ):
+        if value and "://" in str(value):
+            raise MagnetError(
+                f"{key}={value} is a URI, but it must be a filesystem path (on a cluster: a "
+                "shared mount every node sees, e.g. the ReadWriteMany volume of k8s/pvc.yaml); "
+                "only train.storage_path (Ray Train's checkpoints) may be a URI"
+            )
     cfg.data.path = str(Path(cfg.data.path).resolve())
     if cfg.graph.partition_dir:
         cfg.graph.partition_dir = str(Path(cfg.graph.partition_dir).resolve())
     cfg.train.run_dir = str(cfg.run_dir.resolve())
-    if cfg.train.storage_path and "://" not in cfg.train.storage_path:
-        cfg.train.storage_path = str(Path(cfg.train.storage_path).resolve())
+    if cfg.train.storage_path:
+        cfg.train.storage_path = ray_storage_path(cfg.train.storage_path)
     return cfg
+
+
+def ray_storage_path(storage_path: str) -> str:
+    """``train.storage_path`` as Ray Train gets it: an absolute path (``file://`` URIs
+    included), or a pyarrow.fs URI unchanged; a URI pyarrow cannot open is refused now
+    rather than by Ray after the workers started."""
+    if "://" not in storage_path:
+        return str(Path(storage_path).expanduser().resolve())
+    scheme = storage_path.split("://", 1)[0].lower()
+    if scheme == "file":
+        from urllib.parse import unquote, urlparse
+
+        parsed = urlparse(storage_path)
+        if parsed.netloc not in ("", "localhost"):
+            raise MagnetError(
+                f"train.storage_path={storage_path}: a file:// URI names a local path "
+                "(file:///abs/path); for another host's files use a shared mount"
+            )
+        return str(Path(unquote(parsed.path)).resolve())
+    known = {"s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss", "mock"}
+    if scheme not in known:
+        raise MagnetError(
+            f"train.storage_path={storage_path}: pyarrow.fs (Ray Train's storage layer) does "
+            f"not handle {scheme}:// (it does: {', '.join(sorted(known))}, file://); use one "
+            "of those, or a path on a shared filesystem"
+        )
+    return storage_path
+
+
+def storage_filesystem(storage_path: str):
+    """``(pyarrow.fs.FileSystem, path)`` of a ``ray_storage_path`` value: how to read what Ray
+    Train wrote there (e.g. its checkpoint manager snapshot) when it is a URI."""
+    import pyarrow.fs
+
+    if "://" not in storage_path:
+        return pyarrow.fs.LocalFileSystem(), storage_path
+    return pyarrow.fs.FileSystem.from_uri(storage_path)
 
 
 def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
@@ -139,7 +211,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from magnet_dist.data.dataset import load_dataset
-    from magnet_dist.train.worker import FAILURE_LOG, train_loop_per_worker
+    from magnet_dist.train.worker import FAILURE_DIR, train_loop_per_worker
 
     cfg = with_absolute_paths(cfg)
     # every input is checked before anything is written or started: a damaged Parquet file
@@ -150,9 +222,10 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     part_config = ensure_partitions(cfg, quiet=not progress)
     num_parts = check_layout(cfg)
     run_dir = cfg.run_dir.resolve()
-    storage = Path(cfg.train.storage_path or run_dir / "ray").resolve()
+    # a URI stays one (Ray Train writes there through pyarrow.fs); a path is absolute already
+    storage = cfg.train.storage_path or str(run_dir / "ray")
     run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.time()
+    attempt = uuid.uuid4().hex  # names this fit()'s notes in failures/rank<r>.log
     # graph servers that were SIGKILLed (a fault, the OOM killer) leave shared memory behind:
     # clean it once Ray is done (on leaving both blocks)
     with run_lock(run_dir), _remove_dead_segments_after(run_dir), ray_cluster(cfg):
@@ -168,6 +241,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 "progress": progress,
                 # test hooks that inject faults (worker.FaultHooks); empty unless set
                 "faults": {k: v for k, v in os.environ.items() if k.startswith("MAGNET_FAULT_")},
+                "attempt": attempt,
             },
             scaling_config=ScalingConfig(
                 num_workers=cfg.train.workers,
@@ -188,7 +262,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
             if result.error is not None:
                 raise result.error
         except Exception as err:
-            explained = explain_failure(err, run_dir / FAILURE_LOG, started)
+            explained = explain_failure(err, run_dir / FAILURE_DIR, attempt)
             if explained is err:
                 raise
             raise explained from err
@@ -249,34 +323,44 @@ def experiment_dir(cfg: Config) -> Path | None:
     return storage / cfg.train.run_name
 
 
-def explain_failure(error: BaseException, failure_log: Path, since: float) -> BaseException:
+def read_fault_notes(failures_dir: Path, attempt: str) -> list[dict[str, Any]]:
+    """The entries every rank recorded in ``failures/rank<r>.log`` during run attempt
+    ``attempt`` (the id this driver gave its ``fit()``), oldest first. One file per rank: on
+    NFS, appends of several nodes to one file are not atomic; the attempt id, not a comparison
+    of the head's clock with each worker's, tells this run's notes from earlier ones."""
+    entries = []
+    for path in sorted(Path(failures_dir).glob("rank*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a killed worker
+            if isinstance(entry, dict) and entry.get("attempt") == attempt:
+                entries.append({**entry, "file": str(path)})
+    return sorted(entries, key=lambda e: float(e.get("time") or 0.0))
+
+
+def explain_failure(error: BaseException, failures_dir: Path, attempt: str) -> BaseException:
     """The error to raise for a failed ``trainer.fit()``: a MagnetError a worker raised (bad
-    input found inside a worker), else the first cause a worker recorded before it had to end
-    itself (a dead graph server, an RPC timeout), else Ray's error."""
+    input found inside a worker), else the first cause a worker recorded in this attempt
+    before it had to end itself (a dead graph server, an RPC timeout), else Ray's error."""
     for exc in (getattr(error, "worker_failures", None) or {}).values():
         cause = getattr(exc, "_base_exc", exc)
         while cause is not None and not isinstance(cause, MagnetError):
             cause = cause.__cause__
         if isinstance(cause, MagnetError):
             return cause
-    notes = []
-    if failure_log.is_file():
-        for line in failure_log.read_text(errors="replace").splitlines():
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                continue
-            if (
-                isinstance(entry, dict)
-                and entry.get("kind", "fault") == "fault"
-                and entry.get("time", 0) >= since
-            ):
-                notes.append(str(entry.get("message")))
+    notes = [
+        str(e.get("message"))
+        for e in read_fault_notes(failures_dir, attempt)
+        if e.get("kind", "fault") == "fault"
+    ]
     if notes:
         # the first note is the cause; later ones are its consequences (a watchdog firing on a
         # peer of the worker whose server died)
         return MagnetError(
             f"distributed training failed: {notes[0]}\n(Ray Train: {str(error).splitlines()[0]}; "
-            f"all {len(notes)} note(s) the workers recorded are in {failure_log})"
+            f"all {len(notes)} note(s) the workers recorded are in {failures_dir}/rank*.log, "
+            f"attempt {attempt})"
         )
     return error

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from magnet_dist.config import Config
-from magnet_dist.errors import FAULT_LOG_ENV, MagnetError, record_fault
+from magnet_dist.errors import FAULT_ATTEMPT_ENV, FAULT_LOG_ENV, MagnetError, record_fault
 from magnet_dist.eval.metrics import RankingSums
 from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 from magnet_dist.model.magnet import LossOutput, MagnetModel, parameter_groups
@@ -369,7 +369,8 @@ def export_best(run_dir: Path, cfg: Config, scorer, client, ctx: WorkerContext, 
     )
 
 
-FAILURE_LOG = "failures.log"  # in the run folder: why a worker had to end itself
+# in the run folder: why a worker had to end itself, one file per rank (rank<r>.log)
+FAILURE_DIR = "failures"
 SERVER_DIED_EXIT = 71
 FAULT_SETTLE_S = 5.0
 
@@ -490,7 +491,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = worker_device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)
     progress = bool(config.get("progress")) and rank == 0
-    os.environ[FAULT_LOG_ENV] = str(run_dir / FAILURE_LOG)
+    os.environ[FAULT_LOG_ENV] = str(run_dir / FAILURE_DIR / f"rank{rank}.log")
+    os.environ[FAULT_ATTEMPT_ENV] = str(config.get("attempt") or "")
     faults = FaultHooks({**os.environ, **config.get("faults", {})}, rank, ctx.part)
 
     # servers of this rank's previous worker group (a restart) that were SIGKILLed

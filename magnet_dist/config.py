@@ -238,21 +238,19 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
-        n_templates = num_templates(self.moe.families)
-        n_experts = n_templates * self.moe.experts_per_template
-        if self.model.use_moe and self.moe.top_k > n_experts:
+        """What holds for any dataset (``moe.ep_size`` divides ``train.workers``) always; the
+        number of experts E depends on the dataset's modalities, so ``moe.top_k`` and
+        ``moe.ep_size`` are checked against E here only when ``data.path`` is already prepared
+        (and again where the model is built: ``check_expert_count``)."""
+        if self.moe.ep_size > 1 and self.train.workers % self.moe.ep_size:
             raise ValueError(
-                f"moe.top_k={self.moe.top_k} exceeds the number of experts E={n_experts}; "
-                f"use moe.top_k in 1..{n_experts}"
+                f"moe.ep_size={self.moe.ep_size} must divide train.workers={self.train.workers}"
             )
-        if self.moe.ep_size > 1:
-            world = self.train.workers
-            ok = [s for s in range(1, n_experts + 1) if n_experts % s == 0 and world % s == 0]
-            if n_experts % self.moe.ep_size or world % self.moe.ep_size:
-                raise ValueError(
-                    f"moe.ep_size={self.moe.ep_size} must divide both the number of experts "
-                    f"E={n_experts} and train.workers={world}; values that work: {ok}"
-                )
+        num_modalities = prepared_modalities(self)
+        if num_modalities is not None:
+            problem = expert_count_problem(self, num_modalities)
+            if problem is not None:
+                raise ValueError(problem)
         return self
 
     @model_validator(mode="after")
@@ -265,20 +263,62 @@ class Config(_Section):
             )
         return self
 
-    @property
-    def num_experts(self) -> int:
-        return num_templates(self.moe.families) * self.moe.experts_per_template
+    def num_experts(self, num_modalities: int) -> int:
+        """E for a dataset with ``num_modalities`` channels (behaviour + content modalities)."""
+        return num_templates(self.moe.families, num_modalities) * self.moe.experts_per_template
 
     @property
     def run_dir(self) -> Path:
         return Path(self.train.run_dir or f"runs/{self.train.run_name}")
 
 
-def num_templates(families: list[str], num_modalities: int = 3) -> int:
-    """Templates in the pool: dominant has one per modality, balanced/complementary one per pair."""
+def num_templates(families: list[str], num_modalities: int) -> int:
+    """Templates in the pool: dominant has one per modality, balanced/complementary one per pair
+    (``num_modalities`` = behaviour + the dataset's content modalities: 3 gives the paper's 9)."""
     pairs = num_modalities * (num_modalities - 1) // 2
     per_family = {"dominant": num_modalities, "balanced": pairs, "complementary": pairs}
     return sum(per_family[f] for f in families)
+
+
+def model_modalities(cfg: Config, content_modalities: int) -> int:
+    """Channels the model has for a dataset with ``content_modalities`` feature modalities."""
+    return 1 + (content_modalities if cfg.model.content_channels else 0)
+
+
+def prepared_modalities(cfg: Config) -> int | None:
+    """The model's channel count for ``data.path`` if it is a prepared dataset, else None."""
+    import json
+
+    try:
+        manifest = json.loads((Path(cfg.data.path).expanduser() / "manifest.json").read_text())
+        return model_modalities(cfg, len(manifest["modalities"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def expert_count_problem(cfg: Config, num_modalities: int) -> str | None:
+    """Why ``moe.top_k`` / ``moe.ep_size`` do not fit E experts of this dataset, or None."""
+    if not cfg.model.use_moe or num_modalities < 2:
+        return None
+    e = cfg.num_experts(num_modalities)
+    where = f"E={e} for {num_modalities} modalities (behaviour + {num_modalities - 1} content)"
+    if cfg.moe.top_k > e:
+        return f"moe.top_k={cfg.moe.top_k} exceeds the number of experts {where}; use 1..{e}"
+    world = cfg.train.workers
+    if cfg.moe.ep_size > 1 and (e % cfg.moe.ep_size or world % cfg.moe.ep_size):
+        ok = [s for s in range(1, e + 1) if e % s == 0 and world % s == 0]
+        return (
+            f"moe.ep_size={cfg.moe.ep_size} must divide both the number of experts {where} "
+            f"and train.workers={world}; values that work: {ok}"
+        )
+    return None
+
+
+def check_expert_count(cfg: Config, num_modalities: int) -> None:
+    """Raise ConfigError naming moe.top_k / moe.ep_size and E, where the dataset is known."""
+    problem = expert_count_problem(cfg, num_modalities)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:

@@ -85,14 +85,24 @@ def test_wrong_type_names_key(capsys):
     assert "Traceback" not in err
 
 
-def test_top_k_above_number_of_experts(capsys):
-    rc, _, err = run_main(capsys, "train", "--print-config", "moe.top_k=20")
+def test_top_k_above_number_of_experts(capsys, tiny_dataset):
+    """E comes from the prepared dataset (behaviour + visual + text: 9 experts)."""
+    rc, _, err = run_main(
+        capsys, "train", "--print-config", f"data.path={tiny_dataset}", "moe.top_k=20"
+    )
     assert rc == 2
     assert "moe.top_k=20" in err and "E=9" in err
 
 
-def test_ep_size_that_does_not_divide_lists_working_values(capsys):
-    rc, _, err = run_main(capsys, "train", "--print-config", "moe.ep_size=2", "train.workers=2")
+def test_ep_size_that_does_not_divide_lists_working_values(capsys, tiny_dataset):
+    rc, _, err = run_main(
+        capsys,
+        "train",
+        "--print-config",
+        f"data.path={tiny_dataset}",
+        "moe.ep_size=2",
+        "train.workers=2",
+    )
     assert rc == 2
     assert "moe.ep_size=2" in err and "E=9" in err
     assert "values that work: [1]" in err

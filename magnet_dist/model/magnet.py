@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from magnet_dist.config import Config
+from magnet_dist.config import Config, check_expert_count
 from magnet_dist.model.encoder import DualViewEncoder
 from magnet_dist.model.experts import build_experts
 from magnet_dist.model.hops import Hop
@@ -149,6 +149,7 @@ def router_blocks(cfg: Config, modalities: list[str]) -> int:
 
 
 def build_dense_moe(cfg: Config, modalities: list[str]) -> TripletMoE:
+    check_expert_count(cfg, len(modalities))  # E depends on the dataset's modalities
     moe = cfg.moe
     return TripletMoE(
         build_expert_pool(cfg, modalities),

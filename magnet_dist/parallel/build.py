@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from magnet_dist.config import Config
+from magnet_dist.config import Config, check_expert_count
 from magnet_dist.model.experts import build_templates
 from magnet_dist.model.magnet import build_dense_moe, build_expert_pool, router_blocks
 from magnet_dist.parallel.groups import validate_ep_size
@@ -30,6 +30,7 @@ def build_moe(
     the dense model built under the same seed.
     """
     m, moe = cfg.model, cfg.moe
+    check_expert_count(cfg, len(modalities))  # E depends on the dataset's modalities
     if moe.ep_size > 1:
         num_experts = (
             len(build_templates(modalities, list(moe.families))) * moe.experts_per_template

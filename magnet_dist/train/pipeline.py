@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from magnet_dist.config import Config
+from magnet_dist.config import Config, check_expert_count, prepared_modalities
 
 
 def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
@@ -85,4 +85,9 @@ def ensure_content_edges(cfg: Config, quiet: bool = False) -> None:
 
 def ensure_stages(cfg: Config, quiet: bool = False) -> None:
     ensure_dataset(cfg, quiet)
+    # E depends on the dataset's modalities: a bad moe.top_k / moe.ep_size fails here, before
+    # any worker starts, even if the dataset did not exist when the config was loaded
+    num_modalities = prepared_modalities(cfg)
+    if num_modalities is not None:
+        check_expert_count(cfg, num_modalities)
     ensure_content_edges(cfg, quiet)

@@ -447,19 +447,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from magnet_dist.data.dataset import load_dataset
+    from magnet_dist.locks import dataset_lock
 
     cfg = load_config(args.config, args.overrides)
-    dataset = load_dataset(args.data)
-    features = {name: dataset.features(name) for name in dataset.modalities}
-    src, dst, weight, report = build_content_edges(
-        features,
-        cfg.graph,
-        seed=args.seed,
-        progress=not args.quiet,
-        num_threads=args.threads,
-        build_threads=args.build_threads,
-    )
-    path = write_content_edges(args.data, src, dst, weight, report)
+    with dataset_lock(args.data):  # one build at a time per dataset folder
+        dataset = load_dataset(args.data)
+        features = {name: dataset.features(name) for name in dataset.modalities}
+        src, dst, weight, report = build_content_edges(
+            features,
+            cfg.graph,
+            seed=args.seed,
+            progress=not args.quiet,
+            num_threads=args.threads,
+            build_threads=args.build_threads,
+        )
+        path = write_content_edges(args.data, src, dst, weight, report)
     if not args.quiet:
         print(format_report(report))
         print(f"wrote {path} and {Path(args.data) / REPORT_FILE}", file=sys.stderr)

@@ -342,6 +342,7 @@ def partition_dataset(
     graph servers. Returns the DGL partition config path (``<out_dir>/magnet.json``)."""
     from magnet_dist.data.dataset import load_dataset
     from magnet_dist.graph.content import EDGES_FILE, read_content_edges
+    from magnet_dist.locks import dataset_lock
 
     dataset_dir = Path(dataset_dir)
     ds = load_dataset(dataset_dir)
@@ -359,36 +360,38 @@ def partition_dataset(
         out_dir, {"checksum": checksum, "num_parts": num_parts, "method": method}, verbose
     ):
         return part_config_path(out_dir)
-    t0 = time.perf_counter()
-    users, items = ds.pairs(0)
-    if content_sum is not None:
-        src, dst, weight = read_content_edges(dataset_dir, ds.num_items)
-    else:
-        src = dst = weight = None
-    features = {name: ds.features(name) for name in ds.modalities}
-    load_s = time.perf_counter() - t0
-    return partition_arrays(
-        ds.num_users,
-        ds.num_items,
-        users,
-        items,
-        src,
-        dst,
-        weight,
-        features,
-        num_parts=num_parts,
-        out_dir=out_dir,
-        method=method,
-        balance_edges=balance_edges,
-        checksum=checksum,
-        extra_meta={
-            "dataset": str(dataset_dir.resolve()),
-            "dataset_checksum": ds.checksum,
-            "content_checksum": content_sum,
-            "load_s": round(load_s, 3),
-        },
-        verbose=verbose,
-    )
+    # one build at a time per dataset folder (another one running: an error naming its PID)
+    with dataset_lock(dataset_dir):
+        t0 = time.perf_counter()
+        users, items = ds.pairs(0)
+        if content_sum is not None:
+            src, dst, weight = read_content_edges(dataset_dir, ds.num_items)
+        else:
+            src = dst = weight = None
+        features = {name: ds.features(name) for name in ds.modalities}
+        load_s = time.perf_counter() - t0
+        return partition_arrays(
+            ds.num_users,
+            ds.num_items,
+            users,
+            items,
+            src,
+            dst,
+            weight,
+            features,
+            num_parts=num_parts,
+            out_dir=out_dir,
+            method=method,
+            balance_edges=balance_edges,
+            checksum=checksum,
+            extra_meta={
+                "dataset": str(dataset_dir.resolve()),
+                "dataset_checksum": ds.checksum,
+                "content_checksum": content_sum,
+                "load_s": round(load_s, 3),
+            },
+            verbose=verbose,
+        )
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from magnet_dist.config import Config, check_expert_count, prepared_modalities
+from magnet_dist.locks import dataset_lock
 
 
 def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
@@ -26,17 +27,18 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
     if not rebuild:
         print(f"[pipeline] dataset {path} missing: preparing it from source {cfg.data.source!r}")
     t0 = time.time()
-    prepare_dataset(
-        cfg.data.source,
-        path,
-        path=cfg.data.source_path,
-        seed=cfg.data.seed,
-        users=cfg.data.synthetic_users,
-        items=cfg.data.synthetic_items,
-        interactions=cfg.data.synthetic_interactions,
-        quiet=quiet,
-        force=rebuild,
-    )
+    with dataset_lock(path):  # one build at a time per dataset folder
+        prepare_dataset(
+            cfg.data.source,
+            path,
+            path=cfg.data.source_path,
+            seed=cfg.data.seed,
+            users=cfg.data.synthetic_users,
+            items=cfg.data.synthetic_items,
+            interactions=cfg.data.synthetic_interactions,
+            quiet=quiet,
+            force=rebuild,
+        )
     print(f"[pipeline] prepared {path} in {time.time() - t0:.1f} s")
     return path
 
@@ -74,12 +76,13 @@ def ensure_content_edges(cfg: Config, quiet: bool = False) -> None:
     from magnet_dist.data.dataset import load_dataset
 
     print(f"[pipeline] content edges for {cfg.data.path} missing or stale: building them")
-    ds = load_dataset(cfg.data.path)
-    feats = {m: ds.features(m) for m in ds.modalities}
-    src, dst, weight, report = content.build_content_edges(
-        feats, cfg.graph, seed=cfg.data.seed, progress=not quiet
-    )
-    content.write_content_edges(cfg.data.path, src, dst, weight, report)
+    with dataset_lock(cfg.data.path):  # one build at a time per dataset folder
+        ds = load_dataset(cfg.data.path)
+        feats = {m: ds.features(m) for m in ds.modalities}
+        src, dst, weight, report = content.build_content_edges(
+            feats, cfg.graph, seed=cfg.data.seed, progress=not quiet
+        )
+        content.write_content_edges(cfg.data.path, src, dst, weight, report)
     print(content.format_report(report))
 
 

@@ -92,6 +92,18 @@ def test_stage_switch_happens_on_every_worker_together(two_worker_run):
     assert metrics["switch_step"] == stages.index(1) + 1  # (workers assert equality each step)
 
 
+def test_graph_servers_listen_where_the_config_says(two_worker_run):
+    """trainer.host (default loopback) is what the servers bind, read from their sockets by
+    the workers (psutil), not merely what was asked."""
+    from magnet_dist.train.worker_info import read_workers
+
+    run = two_worker_run[0]
+    servers = [s for w in read_workers(run) for s in w["graph_servers"]]
+    assert sorted(s["part"] for s in servers) == [0, 1]
+    for s in servers:
+        assert s["listening"] == [f"127.0.0.1:{s['port']}"], s
+
+
 def test_no_graph_server_left_running(two_worker_run, tiny_dataset):
     # the servers were those of partitions under the dataset, which the leftover filter matches
     assert list(Path(tiny_dataset).glob("partitions-2-*/magnet.json"))

@@ -25,6 +25,11 @@ DGL 2.1 assumes one partition per machine (DESIGN.md, "DGL distributed on one ho
    still ran, and the worker aborted or segfaulted at the end of a finished run (stack traces
    in the quick start's output; the SIGTERM sender seen with strace). magnet_dist's clients keep
    the process's own handlers (Ray's, Python's); the servers keep DGL's.
+5. A DGL client tells the servers where to connect back to it: the local address on the route
+   to its server, and a port the kernel picks (bound, closed, listened on later). For firewalls
+   (a Kubernetes NetworkPolicy) and multi-NIC nodes, ``MAGNET_DGL_CLIENT_PORTS=LOW-HIGH``
+   (``trainer.client_ports``) takes the port from that range, and ``MAGNET_DGL_CLIENT_IP``
+   (the address of ``trainer.interface``) sets the address.
 
 The patches live in this imported module (not inside a function) so that processes which import
 DGL through magnet_dist get them; the per-process values come from ``MAGNET_DGL_PART`` /
@@ -48,6 +53,8 @@ from dgl.distributed import rpc_client as _rpc_client
 
 ENV_PART = "MAGNET_DGL_PART"
 ENV_SHM_TAG = "MAGNET_DGL_SHM_TAG"
+ENV_CLIENT_PORTS = "MAGNET_DGL_CLIENT_PORTS"
+ENV_CLIENT_IP = "MAGNET_DGL_CLIENT_IP"
 
 _orig_get_local_machine_id = _rpc_client.get_local_machine_id
 _orig_empty_shared_mem = _ndarray.empty_shared_mem
@@ -59,6 +66,7 @@ _orig_req_getstate = _Request.__getstate__
 _orig_req_setstate = _Request.__setstate__
 _orig_req_process = _Request.process_request
 _orig_register_sig_handler = _rpc.register_sig_handler
+_orig_get_local_usable_addr = _rpc_client.get_local_usable_addr
 
 # client side: the seed of the sampling requests being issued (None: server's own stream)
 _sampling: dict[str, int | None] = {"base": None, "count": 0}
@@ -177,8 +185,39 @@ _Request.__init__ = _req_init
 _Request.__getstate__ = _req_getstate
 _Request.__setstate__ = _req_setstate
 _Request.process_request = _req_process
+
+
+def _get_local_usable_addr(probe_addr):
+    """DGL's choice of the client's connect-back ``ip:port``, within ``$MAGNET_DGL_CLIENT_PORTS``
+    and at ``$MAGNET_DGL_CLIENT_IP`` when set."""
+    import socket
+
+    ports, ip = os.environ.get(ENV_CLIENT_PORTS), os.environ.get(ENV_CLIENT_IP)
+    if not ports and not ip:
+        return _orig_get_local_usable_addr(probe_addr)
+    default_ip, default_port = _orig_get_local_usable_addr(probe_addr).rsplit(":", 1)
+    ip = ip or default_ip
+    if not ports:
+        return f"{ip}:{default_port}"
+    low, high = (int(x) for x in ports.split("-"))
+    candidates = list(range(low, high + 1))
+    start = (os.getpid() * 7919) % len(candidates)  # spread the clients of one node
+    for port in candidates[start:] + candidates[:start]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((ip, port))
+            except OSError:
+                continue
+        return f"{ip}:{port}"
+    raise RuntimeError(
+        f"no free port for the DGL client's connect-back in {ENV_CLIENT_PORTS}={ports} on {ip}; "
+        "widen trainer.client_ports"
+    )
+
+
 _rpc_client.get_local_machine_id = _get_local_machine_id
 _kvstore.empty_shared_mem = _kv_empty_shared_mem
 _dist_graph._get_graph_from_shared_mem = _graph_from_shm
 _dist_graph.get_shared_mem_partition_book = _gpb_from_shm
 _rpc.register_sig_handler = _register_sig_handler
+_rpc_client.get_local_usable_addr = _get_local_usable_addr

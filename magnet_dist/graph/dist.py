@@ -550,12 +550,16 @@ def connect(
     num_parts: int | None = None,
     *,
     timeout_s: float = 120.0,
+    client_ports: str | None = None,
+    client_ip: str | None = None,
 ) -> GraphClient:
     """Connect this process to the graph servers as a client of partition ``part_id``.
 
     The process must run on the host of ``part_id``'s server (it maps that server's node data
     from shared memory). Every trainer of the job must connect (the servers wait for
     ``num_clients`` of them). Call once per process; ``close()`` at the end.
+    ``client_ports`` (``"LOW-HIGH"``) / ``client_ip``: where this client listens for the
+    servers' connect-back (default: DGL's choice, an ephemeral port on the routed address).
     """
     import dgl
     from dgl.distributed import load_partition_book
@@ -585,6 +589,14 @@ def connect(
             "DGL_DIST_MAX_TRY_TIMES": str(max(1, math.floor(timeout_s / 3))),
         }
     )
+    for name, value in (
+        (_dgl_patches.ENV_CLIENT_PORTS, client_ports),
+        (_dgl_patches.ENV_CLIENT_IP, client_ip),
+    ):
+        if value:
+            os.environ[name] = value
+        else:
+            os.environ.pop(name, None)
     _dgl_patches.set_partition(part_id, _dgl_patches.shm_tag(part_id, addresses[part_id].port))
     t0 = time.perf_counter()
     # the watchdog (later than DGL's own retry limit) catches a handshake that never completes

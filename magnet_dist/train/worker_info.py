@@ -32,7 +32,15 @@ def record_worker(run_dir: Path, rank: int, world: int, part: int, servers=None)
     if servers is not None:
         for p, pid in sorted(servers.pids.items()):
             addr = servers.addresses[p]
-            graph_servers.append({"part": p, "pid": pid, "host": addr.host, "port": addr.port})
+            graph_servers.append(
+                {
+                    "part": p,
+                    "pid": pid,
+                    "host": addr.host,  # the address the clients dial (ip_config)
+                    "port": addr.port,
+                    "listening": listening_addresses(pid),  # what the server bound
+                }
+            )
     info = {
         "rank": rank,
         "world": world,
@@ -49,6 +57,17 @@ def record_worker(run_dir: Path, rank: int, world: int, part: int, servers=None)
     path = Path(run_dir) / WORKERS_DIR / f"rank{rank}.json"
     write_json_atomic(path, info)
     return path
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """``host:port`` of every TCP socket process ``pid`` listens on (read with psutil)."""
+    import psutil
+
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return []
+    return sorted(f"{c.laddr.ip}:{c.laddr.port}" for c in conns if c.status == psutil.CONN_LISTEN)
 
 
 def read_workers(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,0 +1,43 @@
+"""The DGL client's connect-back address (graph/_dgl_patches.py, patch 5): the port range of
+``trainer.client_ports`` and the address of ``trainer.interface``, for NetworkPolicies and
+multi-NIC nodes."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from magnet_dist.graph import _dgl_patches
+
+
+def test_without_settings_dgl_chooses(monkeypatch):
+    monkeypatch.delenv(_dgl_patches.ENV_CLIENT_PORTS, raising=False)
+    monkeypatch.delenv(_dgl_patches.ENV_CLIENT_IP, raising=False)
+    ip, port = _dgl_patches._get_local_usable_addr("127.0.0.1").rsplit(":", 1)
+    assert ip == "127.0.0.1" and int(port) > 0
+
+
+def test_port_comes_from_the_configured_range_and_skips_taken_ones(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        low = s.getsockname()[1]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", low))
+        taken.listen(1)
+        monkeypatch.setenv(_dgl_patches.ENV_CLIENT_PORTS, f"{low}-{low + 1}")
+        monkeypatch.setenv(_dgl_patches.ENV_CLIENT_IP, "127.0.0.1")
+        try:
+            addr = _dgl_patches._get_local_usable_addr("127.0.0.1")
+        except RuntimeError:
+            pytest.skip(f"port {low + 1} is taken on this machine right now")
+        assert addr == f"127.0.0.1:{low + 1}"
+        monkeypatch.setenv(_dgl_patches.ENV_CLIENT_PORTS, f"{low}-{low}")
+        with pytest.raises(RuntimeError, match="widen trainer.client_ports"):
+            _dgl_patches._get_local_usable_addr("127.0.0.1")
+
+
+def test_the_interface_address_replaces_the_routed_one(monkeypatch):
+    monkeypatch.delenv(_dgl_patches.ENV_CLIENT_PORTS, raising=False)
+    monkeypatch.setenv(_dgl_patches.ENV_CLIENT_IP, "127.0.0.5")
+    assert _dgl_patches._get_local_usable_addr("127.0.0.1").startswith("127.0.0.5:")

@@ -373,34 +373,11 @@ def export_best(run_dir: Path, cfg: Config, scorer, client, ctx: WorkerContext, 
 FAILURE_DIR = "failures"
 SERVER_DIED_EXIT = 71
 FAULT_SETTLE_S = 5.0
-FAULT_HOOKS_ENABLE = "MAGNET_ENABLE_FAULT_HOOKS"
-FAULT_HOOKS = tuple(
-    f"MAGNET_FAULT_{hook}"
-    for hook in ("KILL_AT_STEP", "KILL_IN_CHECKPOINT", "KILL_SERVER_AT_STEP", "MARKER")
-)
-
-
-def fault_hooks_from(env, warn: bool = True) -> dict[str, str]:
-    """The fault hooks of ``env`` (with their enable) when ``MAGNET_ENABLE_FAULT_HOOKS=1``;
-    otherwise none, with a warning if some are set (what the driver forwards to workers)."""
-    hooks = {k: env[k] for k in FAULT_HOOKS if env.get(k)}
-    if env.get(FAULT_HOOKS_ENABLE) == "1":
-        return {**hooks, FAULT_HOOKS_ENABLE: "1"} if hooks else {}
-    if hooks and warn:
-        print(
-            f"magnet_dist: warning: ignoring {', '.join(sorted(hooks))}: fault-injection test "
-            f"hooks work only with {FAULT_HOOKS_ENABLE}=1 (tests set it; never in production)",
-            file=sys.stderr,
-            flush=True,
-        )
-    return {}
 
 
 class FaultHooks:
     """Faults injected on purpose, for the fault-tolerance tests (no effect unless set).
 
-    Honoured only with ``MAGNET_ENABLE_FAULT_HOOKS=1`` (which only the tests set), so a
-    production environment cannot make a worker kill itself (:func:`fault_hooks_from`).
     Read from ``MAGNET_FAULT_*`` variables (the driver forwards its own to the workers); a
     value is ``STEP`` or ``STEP@WHO`` (WHO: a rank, or for the server hook a partition;
     default 0):
@@ -418,7 +395,7 @@ class FaultHooks:
     """
 
     def __init__(self, env: dict[str, str], rank: int, part: int) -> None:
-        self.env = fault_hooks_from(env, warn=False)
+        self.env = {k: v for k, v in env.items() if k.startswith("MAGNET_FAULT_")}
         self.rank, self.part = rank, part
 
     def _due(self, hook: str, step: int, mine: int) -> bool:

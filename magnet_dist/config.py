@@ -14,6 +14,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -235,6 +236,9 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     trainer: TrainerConfig = TrainerConfig()
     eval: EvalConfig = EvalConfig()
+    # where data.path and data.source came from ("default", "file", "override"): a missing
+    # dataset is only built when both come from the same place (train/pipeline.py)
+    _origins: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_combinations(self) -> Config:
@@ -495,6 +499,7 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load YAML (optional) + overrides into a validated Config, or raise ConfigError."""
     tree: dict[str, Any] = {}
+    tree_file: dict[str, Any] | None = None
     origin = "defaults"
     if path is not None:
         path = Path(path)
@@ -513,16 +518,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         loaded = _parse_yaml(text, f"config file {path}") or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections")
-        tree = loaded
+        tree = tree_file = loaded
         origin = str(path)
     if overrides:
         tree = _merge(tree, parse_overrides(overrides))
         origin += " + overrides"
     _drop_removed_keys(tree, origin)
     try:
-        return Config.model_validate(tree)
+        cfg = Config.model_validate(tree)
     except ValidationError as err:
         raise ConfigError(_format_validation_error(err, origin)) from None
+    from_overrides = parse_overrides(overrides or []).get("data", {})
+    from_file = (tree_file or {}).get("data", {})
+    for key in ("path", "source"):
+        if isinstance(from_overrides, dict) and key in from_overrides:
+            cfg._origins[f"data.{key}"] = "override"
+        elif isinstance(from_file, dict) and key in from_file:
+            cfg._origins[f"data.{key}"] = "file"
+        else:
+            cfg._origins[f"data.{key}"] = "default"
+    return cfg
+
+
+def data_origins(cfg: Config) -> tuple[str, str]:
+    """(where data.path came from, where data.source came from); "default" when unknown."""
+    origins = cfg._origins or {}
+    return origins.get("data.path", "default"), origins.get("data.source", "default")
 
 
 def dump_config(cfg: Config) -> str:

@@ -200,7 +200,50 @@ def load_manifest(path: str | Path) -> dict[str, Any]:
             f"{mf}: format_version {manifest['format_version']} is not supported "
             f"(this magnet_dist reads {FORMAT_VERSION}); {_PREPARE_HINT}"
         )
+    _check_manifest_types(manifest, mf)
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest_types(manifest: dict[str, Any], mf: Path) -> None:
+    """Each key the readers use has its type, so a hand-edited or damaged manifest is an
+    error naming the key rather than a ValueError deep in a reader."""
+
+    def bad(key: str, want: str) -> DataError:
+        got = manifest
+        for part in key.split("."):
+            got = got.get(part) if isinstance(got, dict) else None
+        shown = repr(got) if len(repr(got)) <= 60 else repr(got)[:57] + "..."
+        return DataError(f"{mf}: key '{key}' must be {want}, got {shown}; {_PREPARE_HINT}")
+
+    for key in ("num_users", "num_items", "num_interactions"):
+        if not _is_count(manifest[key]):
+            raise bad(key, "a non-negative integer")
+    splits = manifest["splits"]
+    if not isinstance(splits, dict):
+        raise bad("splits", "an object {train, valid, test: counts}")
+    for name in SPLIT_NAMES:
+        if not _is_count(splits.get(name)):
+            raise bad(f"splits.{name}", "a non-negative integer")
+    modalities = manifest["modalities"]
+    if not isinstance(modalities, dict) or not modalities:
+        raise bad("modalities", "an object {modality: dimension}")
+    for name, dim in modalities.items():
+        if not _is_count(dim) or dim == 0 or not name or "/" in name:
+            raise bad(f"modalities.{name}", "a positive integer (with a plain name)")
+    if not isinstance(manifest["checksum"], str):
+        raise bad("checksum", "a string")
+    for key in ("files", "id_maps"):
+        value = manifest.get(key, {})
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise bad(key, "an object of strings")
+    if not isinstance(manifest.get("has_timestamp", False), bool):
+        raise bad("has_timestamp", "true or false")
 
 
 def load_dataset(path: str | Path, verify_checksum: bool = False) -> Dataset:

@@ -51,7 +51,7 @@ def _id_column(table: pa.Table, file: Path, column: str) -> pa.Array:
         typ = col.type
     if pa.types.is_integer(typ):
         if typ == pa.uint64():
-            too_big = first_true(pc.greater(col, np.iinfo(np.int64).max))
+            too_big = first_true(pc.greater(col, pa.scalar(np.iinfo(np.int64).max, pa.uint64())))
             if too_big is not None:
                 raise data_error(
                     file,

@@ -176,10 +176,10 @@ def _check_same_dataset(run_dir: Path, ds: Dataset, any_dataset: bool) -> None:
     if trained_on is None or any_dataset or trained_on == ds.checksum:
         return
     raise MagnetError(
-        f"dataset {ds.path} (checksum {ds.checksum[:16]}) is not the one run {run_dir} was "
-        f"trained on (checksum {trained_on[:16]} in {run_dir / DATASET_FILE}): it was "
-        "re-prepared or replaced; point --data at the original dataset, or pass "
-        "--any-dataset to evaluate on this one anyway"
+        f"dataset {ds.path} (checksum {ds.checksum[:16]}) is another dataset than the one run "
+        f"{run_dir} was trained on (checksum {trained_on[:16]} in {run_dir / DATASET_FILE}; "
+        "re-prepared or replaced?); point --data at the original dataset, or pass "
+        "--any-dataset to use this one anyway"
     )
 
 

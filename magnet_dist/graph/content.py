@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +28,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from magnet_dist.atomic import atomic_path, write_text_atomic
 from magnet_dist.config import GraphConfig, load_config
+from magnet_dist.data.writer import file_sha256
 from magnet_dist.errors import ConfigError, DataError
 from magnet_dist.graph.hnsw import build_index, l2_normalise, query_index
 
@@ -365,13 +366,14 @@ def write_content_edges(
         }
     )
     path = dataset_dir / EDGES_FILE
-    tmp = path.with_suffix(".parquet.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-    meta = {**report, "dataset_checksum": _dataset_checksum(dataset_dir)}
-    tmp_json = dataset_dir / (REPORT_FILE + ".tmp")
-    tmp_json.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp_json, dataset_dir / REPORT_FILE)
+    with atomic_path(path, tmp=path.with_suffix(".parquet.tmp")) as tmp:
+        pq.write_table(table, tmp)
+    meta = {
+        **report,
+        "dataset_checksum": _dataset_checksum(dataset_dir),
+        "edges_sha256": file_sha256(path),  # a damaged edges file counts as stale
+    }
+    write_text_atomic(dataset_dir / REPORT_FILE, json.dumps(meta, indent=2) + "\n")
     return path
 
 
@@ -384,15 +386,25 @@ def read_content_edges(
         raise DataError(
             f"{path} does not exist; build it with `magnet-dist content --data {dataset_dir}`"
         )
-    table = pq.read_table(path)
+    rebuild = f"rebuild it with `magnet-dist content --data {dataset_dir}`"
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{path} is unreadable ({err}); {rebuild}") from None
     missing = {"src", "dst", "weight"} - set(table.column_names)
     if missing:
-        raise DataError(
-            f"{path} lacks columns {sorted(missing)}; rebuild it with `magnet-dist content`"
-        )
+        raise DataError(f"{path} lacks columns {sorted(missing)}; {rebuild}")
+    for col, check in (("src", pa.types.is_integer), ("dst", pa.types.is_integer)):
+        if not check(table.schema.field(col).type) or table[col].null_count:
+            raise DataError(f"{path}: column '{col}' must hold integer ids; {rebuild}")
+    if not pa.types.is_floating(table.schema.field("weight").type) or table["weight"].null_count:
+        raise DataError(f"{path}: column 'weight' must hold floats; {rebuild}")
     src = table["src"].to_numpy().astype(np.int64, copy=False)
     dst = table["dst"].to_numpy().astype(np.int64, copy=False)
     weight = table["weight"].to_numpy().astype(np.float32, copy=False)
+    if not np.isfinite(weight).all():
+        row = int(np.flatnonzero(~np.isfinite(weight))[0])
+        raise DataError(f"{path}: column 'weight': non-finite value at row {row}; {rebuild}")
     if num_items is not None and len(src):
         lo, hi = min(src.min(), dst.min()), max(src.max(), dst.max())
         if lo < 0 or hi >= num_items:
@@ -411,8 +423,12 @@ def content_edges_up_to_date(dataset_dir: str | Path, cfg: GraphConfig) -> bool:
         return False
     try:
         meta = json.loads(meta_path.read_text())
-    except json.JSONDecodeError:
+    except (OSError, ValueError):
         return False
+    if not isinstance(meta, dict):
+        return False
+    if "edges_sha256" in meta and meta["edges_sha256"] != file_sha256(dataset_dir / EDGES_FILE):
+        return False  # truncated or changed since written: rebuild
     return meta.get("config") == content_config(cfg) and meta.get(
         "dataset_checksum"
     ) == _dataset_checksum(dataset_dir)

@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from magnet_dist.atomic import write_text_atomic
 from magnet_dist.errors import DataError, MagnetError
 
 GRAPH_NAME = "magnet"
@@ -42,7 +43,7 @@ IU = ("item", "iu", "user")
 II = ("item", "ii", "item")
 ETYPES = (UI, IU, II)
 FEATURE_PREFIX = "feat_"
-FORMAT_VERSION = 2  # 2: item node data cnt_ii
+FORMAT_VERSION = 3  # 2: item node data cnt_ii; 3: "files" (size + sha256 of every file)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,7 +165,53 @@ def read_meta(out_dir: str | Path) -> dict[str, Any]:
             f"{path} does not exist: {out_dir} is not a finished magnet_dist partition folder; "
             "create it with `magnet-dist partition`"
         )
-    return json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise MagnetError(f"{path} is damaged ({err}); delete {out_dir} to re-partition") from None
+    if not isinstance(meta, dict):
+        raise MagnetError(
+            f"{path} is damaged (not a JSON object); delete {out_dir} to re-partition"
+        )
+    return meta
+
+
+def partition_files(out_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"size", "sha256"}}`` of every file the partitioner wrote (all but the
+    meta file, which lists them and is written last)."""
+    from magnet_dist.data.writer import file_sha256
+
+    files = {}
+    for path in sorted(p for p in Path(out_dir).rglob("*") if p.is_file()):
+        rel = path.relative_to(out_dir).as_posix()
+        if rel in (META_FILE, META_FILE + ".tmp"):
+            continue
+        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
+    return files
+
+
+def check_partition_files(out_dir: Path, meta: dict[str, Any]) -> None:
+    """Every file the meta file lists is there with its size and sha256, else a MagnetError
+    naming the first damaged file (a missing part, a truncated graph or part config)."""
+    from magnet_dist.data.writer import file_sha256
+
+    files = meta.get("files")
+    if not isinstance(files, dict) or not files:
+        raise MagnetError(f"{out_dir / META_FILE} lists no files; delete {out_dir} to re-partition")
+    for rel, want in files.items():
+        path = Path(out_dir) / rel
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != want.get("size"):
+            problem = f"has {path.stat().st_size} bytes, {want.get('size')} were written"
+        elif file_sha256(path) != want.get("sha256"):
+            problem = "changed since it was written (sha256 mismatch)"
+        if problem:
+            raise MagnetError(
+                f"partition folder {out_dir} is damaged: {rel} {problem}; delete {out_dir} "
+                "to re-partition (`magnet-dist partition` or the next train run rebuilds it)"
+            )
 
 
 def partition_arrays(
@@ -203,7 +250,56 @@ def partition_arrays(
         raise MagnetError(f"partition method must be 'random' or 'metis', got {method!r}")
     if num_parts < 1:
         raise MagnetError(f"number of partitions must be >= 1, got {num_parts}")
+    if num_parts > min(num_users, num_items):
+        raise MagnetError(
+            f"{num_parts} partitions for {num_users} users and {num_items} items: every "
+            "partition needs nodes of both types; use at most "
+            f"{min(num_users, num_items)} partitions (fewer workers / graph.partitions)"
+        )
+    existed = out_dir.is_dir()  # absent or empty: _reusable said so
+    try:
+        return _partition_into(
+            out_dir,
+            num_users,
+            num_items,
+            train_users,
+            train_items,
+            content_src,
+            content_dst,
+            content_weight,
+            item_features,
+            num_parts=num_parts,
+            method=method,
+            balance_edges=balance_edges,
+            wanted=wanted,
+            extra_meta=extra_meta,
+            verbose=verbose,
+        )
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # a failed build leaves nothing partial
+        if existed:
+            out_dir.mkdir(exist_ok=True)
+        raise
 
+
+def _partition_into(
+    out_dir: Path,
+    num_users: int,
+    num_items: int,
+    train_users,
+    train_items,
+    content_src,
+    content_dst,
+    content_weight,
+    item_features: dict[str, np.ndarray],
+    *,
+    num_parts: int,
+    method: str,
+    balance_edges: bool,
+    wanted: dict[str, Any],
+    extra_meta: dict[str, Any] | None,
+    verbose: bool,
+) -> Path:
     import dgl
 
     timings: dict[str, float] = {}
@@ -258,10 +354,9 @@ def partition_arrays(
         "balance": balance,
         "timings": {k: round(v, 3) for k, v in timings.items()},
         **(extra_meta or {}),
+        "files": partition_files(out_dir),  # checked before every reuse
     }
-    tmp = out_dir / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out_dir / META_FILE)
+    write_text_atomic(out_dir / META_FILE, json.dumps(meta, indent=2) + "\n")  # last
     if verbose:
         print(format_report(meta))
     return part_config_path(out_dir)
@@ -276,7 +371,7 @@ def _reusable(out_dir: Path, wanted: dict[str, Any], verbose: bool) -> bool:
             f"partition folder {out_dir} exists but has no {META_FILE} (not a magnet_dist "
             "partition, or an interrupted run): delete it or pass another --out"
         )
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(out_dir)
     diff = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
     if diff:
         what = ", ".join(f"{k}: folder has {a!r}, wanted {b!r}" for k, (a, b) in diff.items())
@@ -286,6 +381,7 @@ def _reusable(out_dir: Path, wanted: dict[str, Any], verbose: bool) -> bool:
         )
     if not part_config_path(out_dir).is_file():
         raise MagnetError(f"{part_config_path(out_dir)} is missing: delete {out_dir} and re-run")
+    check_partition_files(out_dir, meta)
     if verbose:
         print(f"reusing partitions in {out_dir} ({wanted['num_parts']} parts, {wanted['method']})")
     return True

@@ -25,6 +25,7 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
     from magnet_dist.data.prepare import prepare_dataset
 
     if not rebuild:
+        check_auto_prepare(cfg, path)
         print(f"[pipeline] dataset {path} missing: preparing it from source {cfg.data.source!r}")
     t0 = time.time()
     with dataset_lock(path):  # one build at a time per dataset folder
@@ -41,6 +42,34 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
         )
     print(f"[pipeline] prepared {path} in {time.time() - t0:.1f} s")
     return path
+
+
+GENERATED = ("movielens-100k", "synthetic")  # the config alone defines the data
+
+
+def check_auto_prepare(cfg: Config, path: Path) -> None:
+    """Build a missing dataset only if the config says what goes there: a source that needs no
+    input of the user's, named in the same place as the path (both in the YAML file, both as
+    overrides, or both defaults). A typo in an overridden data.path is an error, not a new
+    dataset built from the config file's source."""
+    from magnet_dist.config import data_origins
+    from magnet_dist.errors import DataError
+
+    source = cfg.data.source
+    command = f"magnet-dist prepare --source {source} --out {path}"
+    if source not in GENERATED:
+        hint = f"{command} --path {cfg.data.source_path or 'INPUT_DIR'}"
+        raise DataError(
+            f"data.path {path} does not exist; prepare it first (`{hint}`) or fix data.path"
+        )
+    path_from, source_from = data_origins(cfg)
+    if path_from != source_from:
+        where = {"default": "the defaults", "file": "the config file", "override": "an override"}
+        raise DataError(
+            f"data.path {path} does not exist (the path comes from {where[path_from]}, "
+            f"data.source={source} from {where[source_from]}); fix the path, or set "
+            f"data.source beside it to build it there, or run `{command}`"
+        )
 
 
 REBUILDABLE = ("movielens-100k",)  # fixed input: the config alone rebuilds the same data

@@ -557,6 +557,27 @@ def finished_run(tiny_dataset, tmp_path_factory) -> tuple[Path, Path]:
     return data, run
 
 
+@pytest.mark.parametrize("fits", ["nothing", "best.pt"])
+def test_training_on_a_full_disk(finished_run, tmp_path, fits):
+    data, done = finished_run
+    sizes = {p.name: p.stat().st_size for p in (done / "checkpoints").glob("*.pt")}
+    if fits == "nothing":  # the first checkpoint write fails
+        limit = sizes["best.pt"] // 2
+    else:  # best.pt is written, the training-state checkpoint is not
+        limit = (sizes["best.pt"] + sizes["reference.pt"]) // 2
+    run = tmp_path / "run"
+    res = _limited(
+        [MAGNET, "train", "--quiet", f"data.path={data}", f"train.run_dir={run}", *TINY],
+        kib=limit // 1024,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2, res.stderr
+    line = one_line_error(res.stderr)
+    assert f"cannot write {run / 'checkpoints'}" in line and "Traceback" not in res.stderr
+    assert "file size limit reached" in line or "is the disk full?" in line
+    no_tmp_left(run)
+
+
 def test_recommend_out_is_a_folder(finished_run, tmp_path, capsys):
     _, run = finished_run
     folder = tmp_path / "recs"
@@ -605,7 +626,9 @@ def test_dataset_replaced_under_a_finished_run(finished_run, tmp_path, capsys):
         extra = ["--out", str(tmp_path / "r.parquet")] if command == "recommend" else []
         rc, err = cli(capsys, command, "--run", str(run), "--data", str(other), "--quiet", *extra)
         line = one_line_error(err)
-        assert rc == 2 and f"dataset {other}" in line and "is another dataset than the one run" in line, err
+        assert (
+            rc == 2 and f"dataset {other}" in line and "is another dataset than the one run" in line
+        ), err
         assert "--any-dataset" in line
     assert not (tmp_path / "r.parquet").exists()
     rc, _ = cli(capsys, "evaluate", "--run", str(run), "--quiet")  # control: its own dataset

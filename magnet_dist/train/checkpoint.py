@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from magnet_dist.config import Config
-from magnet_dist.errors import MagnetError
+from magnet_dist.errors import MagnetError, OutputError, output_error
 
 # Sections whose values must match for a checkpoint's weights to fit the model.
 FINGERPRINT_SECTIONS = ("model", "moe")
@@ -53,6 +53,9 @@ RESUMABLE_CHANGES = frozenset(
         "train.resume_changed_config",
         "trainer.ray_address",
         "trainer.host",
+        "trainer.interface",
+        "trainer.client_ports",
+        "trainer.server_threads",
         "trainer.server_port",
         "trainer.server_timeout_s",
         "eval.user_chunk",
@@ -82,18 +85,30 @@ def save_checkpoint(path: Path, cfg: Config, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fp = config_fingerprint(cfg)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(
-            {
-                **payload,
-                "config_fingerprint": json.dumps(fp, sort_keys=True),
-                "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
-            },
-            f,
-        )
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(
+                {
+                    **payload,
+                    "config_fingerprint": json.dumps(fp, sort_keys=True),
+                    "config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+                },
+                f,
+            )
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except Exception as err:  # a failed write (disk full) leaves no .tmp behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise output_error(err, path) from None
+        if isinstance(err, RuntimeError):  # torch's zip writer reports a failed write so
+            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+            raise OutputError(
+                f"cannot write {path} (torch.save: {first}); is the disk full? free space "
+                "and re-run"
+            ) from None
+        raise
 
 
 def load_checkpoint(path: Path, cfg: Config, resume: bool = False) -> dict[str, Any]:

@@ -519,6 +519,31 @@ def test_prepare_on_a_full_disk(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_partition_on_a_full_disk(tiny_dataset, tmp_path):
+    out = tmp_path / "parts"
+    res = _limited(
+        [
+            MAGNET,
+            "partition",
+            "--data",
+            str(tiny_dataset),
+            "--parts",
+            "2",
+            "--method",
+            "random",
+            "--out",
+            str(out),
+        ],
+        kib=16,
+        cwd=tmp_path,
+    )
+    assert res.returncode == 2, res.stderr
+    line = one_line_error(res.stderr)
+    assert f"cannot write {out}: " in line
+    assert "file size limit reached" in line or "is the disk full?" in line
+    assert "Traceback" not in res.stderr and not out.exists()
+
+
 def test_json_and_parquet_writers_leave_no_tmp_on_a_full_disk(tmp_path):
     code = (
         "import sys, numpy as np, pyarrow as pa\n"
@@ -576,6 +601,19 @@ def test_training_on_a_full_disk(finished_run, tmp_path, fits):
     assert f"cannot write {run / 'checkpoints'}" in line and "Traceback" not in res.stderr
     assert "file size limit reached" in line or "is the disk full?" in line
     no_tmp_left(run)
+
+
+@pytest.mark.parametrize("command", ["evaluate", "recommend"])
+def test_damaged_run_config(finished_run, tmp_path, capsys, command):
+    _, done = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(done, run)
+    (run / "config.yaml").write_text("train:\n  epochs: 3\n  epochs: [\n")
+    extra = ["--out", str(tmp_path / "r.parquet")] if command == "recommend" else []
+    rc, err = cli(capsys, command, "--run", str(run), "--quiet", *extra)
+    line = one_line_error(err)
+    assert rc == 2 and f"config file {run / 'config.yaml'}: line 4, column 1" in line, err
+    assert not (tmp_path / "r.parquet").exists()
 
 
 def test_recommend_out_is_a_folder(finished_run, tmp_path, capsys):

@@ -33,7 +33,13 @@ from typing import Any
 import numpy as np
 
 from magnet_dist.atomic import write_text_atomic
-from magnet_dist.errors import DataError, MagnetError
+from magnet_dist.errors import (
+    NO_SPACE_ERRNOS,
+    DataError,
+    MagnetError,
+    OutputError,
+    output_error,
+)
 
 GRAPH_NAME = "magnet"
 META_FILE = "magnet_partition.json"
@@ -275,10 +281,17 @@ def partition_arrays(
             extra_meta=extra_meta,
             verbose=verbose,
         )
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(out_dir, ignore_errors=True)  # a failed build leaves nothing partial
         if existed:
             out_dir.mkdir(exist_ok=True)
+        if isinstance(err, OSError) and err.errno in NO_SPACE_ERRNOS:
+            raise output_error(err, out_dir) from None
+        if type(err).__name__ == "DGLError" and "Write incomplete" in str(err):
+            raise OutputError(  # DGL's C++ writer: fwrite fell short
+                f"cannot write {out_dir}: DGL could not write a partition file completely; "
+                "is the disk full? free space and re-run"
+            ) from None
         raise
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from magnet_dist import atomic
 from magnet_dist.config import Config, dump_config
+from magnet_dist.errors import output_error
 
 
 class StepLog:
@@ -82,7 +83,10 @@ class StepLog:
             )
             if not exists:
                 self._writer.writeheader()
-        self._writer.writerow(row)
+        try:
+            self._writer.writerow(row)
+        except OSError as err:  # disk full: name metrics.csv rather than "an output file"
+            raise output_error(err, self.path) from None
         self._open_tensorboard()
         if self._tb is not None:
             for key, value in row.items():
@@ -91,7 +95,10 @@ class StepLog:
 
     def flush(self) -> None:
         if self._file is not None:
-            self._file.flush()
+            try:
+                self._file.flush()
+            except OSError as err:
+                raise output_error(err, self.path) from None
         if self._tb is not None:
             self._tb.flush()
 

@@ -530,6 +530,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         raise ConfigError(_format_validation_error(err, origin)) from None
     from_overrides = parse_overrides(overrides or []).get("data", {})
     from_file = (tree_file or {}).get("data", {})
+    if isinstance(from_overrides, dict) and isinstance(from_file, dict):
+        same = from_overrides.get("path"), from_file.get("path")
+        if all(isinstance(p, str) for p in same) and _same_path(*same):
+            from_overrides = {k: v for k, v in from_overrides.items() if k != "path"}
     for key in ("path", "source"):
         if isinstance(from_overrides, dict) and key in from_overrides:
             cfg._origins[f"data.{key}"] = "override"
@@ -538,6 +542,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         else:
             cfg._origins[f"data.{key}"] = "default"
     return cfg
+
+
+def _same_path(a: str, b: str) -> bool:
+    """The config file's path given again (say, absolute) is still the file's path."""
+    return Path(a).expanduser().absolute() == Path(b).expanduser().absolute()
 
 
 def data_origins(cfg: Config) -> tuple[str, str]:

@@ -194,6 +194,7 @@ def _steps(run: Path) -> list[int]:
 
 
 MAGNET = str(Path(sys.executable).with_name("magnet-dist"))
+QUICKSTART = Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml"
 
 
 def cli(capsys, *argv: str) -> tuple[int, str]:
@@ -686,7 +687,7 @@ def test_typo_in_data_path_prepares_nothing(tmp_path, capsys):
         capsys,
         "train",
         "--config",
-        "configs/quickstart.yaml",
+        str(QUICKSTART),
         f"data.path={typo}",
         f"train.run_dir={tmp_path / 'run'}",
         "--quiet",
@@ -695,6 +696,15 @@ def test_typo_in_data_path_prepares_nothing(tmp_path, capsys):
     assert rc == 2 and f"data.path {typo} does not exist" in line, err
     assert "magnet-dist prepare --source movielens-100k" in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_config_files_path_given_again_may_be_prepared():
+    from magnet_dist.train.pipeline import check_auto_prepare
+
+    declared = load_config(QUICKSTART).data.path
+    again = Path.cwd() / declared  # e.g. `data.path=$PWD/data/ml-100k`, as in test_multinode
+    cfg = load_config(QUICKSTART, [f"data.path={again}"])
+    check_auto_prepare(cfg, again)  # no error: the same place as the file's data.source
 
 
 def test_missing_parquet_dataset_is_not_auto_prepared(tmp_path, capsys):

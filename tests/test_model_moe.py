@@ -170,3 +170,32 @@ def test_all_k_in_range_work():
         cfg = load_config(overrides=[f"moe.top_k={k}", f"moe.experts_per_template={p}"])
         out, stats = build_dense_moe(cfg, MODS)(torch.randn(7, 192))
         assert out.shape == (7, 64) and stats.assigned.sum().item() == 7 * k
+
+
+def test_loss_groups_each_users_tokens_so_capacity_drops_do_not_track_the_label():
+    """In the loss, a user's negatives follow its positive in the MoE's token order; with the
+    order [all positives; all negatives] capacity drops would fall on the negatives only."""
+    from magnet_dist.model.magnet import MagnetModel, pair_grouped_order
+    from magnet_dist.model.schedule import ScheduleState
+
+    assert pair_grouped_order(3, 2).tolist() == [0, 3, 4, 1, 5, 6, 2, 7, 8]
+    cfg = load_config(overrides=["model.dim=4"])
+    torch.manual_seed(0)
+    model = MagnetModel(cfg, {"visual": 3, "text": 3})
+    torch.nn.init.normal_(model.readout.weight)
+    reps = lambda n: {m: torch.randn(n, 4) for m in model.modalities}  # noqa: E731
+    hu, hpos, hneg = reps(5), reps(5), reps(10)
+    out = model.loss(hu, hpos, hneg, torch.zeros(1, 4), ScheduleState())
+    # the same BPR as scoring positives and negatives separately (no capacity: order-free)
+    pos, _ = model.score(hu, hpos)
+    neg, _ = model.score({m: v.repeat_interleave(2, 0) for m, v in hu.items()}, hneg)
+    want = torch.nn.functional.softplus(neg - pos.repeat_interleave(2)).mean()
+    assert out.bpr.item() == pytest.approx(want.item(), rel=1e-5)
+    # what the MoE saw: grouped rows (user 0's positive, its two negatives, user 1's, ...)
+    seen = []
+    moe_forward = model.moe.forward
+    model.moe.forward = lambda x, explore=False: (seen.append(x), moe_forward(x, explore))[1]
+    model.loss(hu, hpos, hneg, torch.zeros(1, 4), ScheduleState())
+    assert torch.equal(
+        seen[0][1], model.token({m: hu[m][:1] for m in hu}, {m: hneg[m][:1] for m in hneg})[0]
+    )

@@ -70,6 +70,18 @@ def ranking_score_fn(model: MagnetModel, user_reps: Reps, item_reps: Reps) -> Ca
     return fn
 
 
+def popularity_score_fn(dataset) -> Callable:
+    """The popularity baseline for ``rank_users``: every user gets the items ranked by their
+    number of training interactions (a floor any trained model must clear)."""
+    _, ti = dataset.pairs(0)
+    counts = torch.from_numpy(np.bincount(ti, minlength=dataset.num_items).astype(np.float32))
+
+    def fn(user_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        return counts[start:end].repeat(len(user_ids), 1)  # a copy: ranking masks it in place
+
+    return fn
+
+
 class SplitEvaluator:
     """Full ranking of one split (valid or test) with only training items masked (MMRec)."""
 

@@ -100,9 +100,15 @@ class MagnetModel(nn.Module):
         n = next(iter(hu.values())).shape[0]
         n_neg = next(iter(hneg.values())).shape[0] // n
         hu_rep = {m: v.repeat_interleave(n_neg, 0) for m, v in hu.items()} if n_neg > 1 else hu
-        both_u = {m: torch.cat([hu[m], hu_rep[m]]) for m in self.modalities}
-        both_i = {m: torch.cat([hpos[m], hneg[m]]) for m in self.modalities}
-        scores, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
+        # tokens grouped per user (its positive, then its negatives): with a capacity factor the
+        # tokens at the end of an expert's queue are dropped, and in [all positives; all
+        # negatives] order those would be the negatives, so the head would learn from drops that
+        # track the label; grouped, a drop falls on a whole (u, i+, i-) group alike
+        order = pair_grouped_order(n, n_neg, hpos[self.modalities[0]].device)
+        both_u = {m: torch.cat([hu[m], hu_rep[m]])[order] for m in self.modalities}
+        both_i = {m: torch.cat([hpos[m], hneg[m]])[order] for m in self.modalities}
+        grouped, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
+        scores = torch.empty_like(grouped).index_copy(0, order, grouped)
         pos = scores[:n].repeat_interleave(n_neg)
         neg = scores[n:]
         bpr = F.softplus(neg - pos).mean()
@@ -113,6 +119,14 @@ class MagnetModel(nn.Module):
                 stats = stats.reduce(reduce_stats)
             route = routing_loss(stats, state, self.cfg.routing)
         return LossOutput(bpr + reg + route, bpr, reg, route, stats)
+
+
+def pair_grouped_order(n: int, n_neg: int, device=None) -> torch.Tensor:
+    """Row order of ``[n positives; n * n_neg negatives]`` that puts each user's negatives
+    right after its positive: ``[p0, n0_0.., p1, n1_0.., ...]``."""
+    pos = torch.arange(n, device=device).unsqueeze(1)
+    neg = n + torch.arange(n * n_neg, device=device).view(n, n_neg)
+    return torch.cat([pos, neg], dim=1).reshape(-1)
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -225,3 +225,52 @@ def test_cli_train_prints_metrics(tiny_dataset, tmp_path, capsys):
     )
     assert rc == 0
     assert '"test.recall@20"' in capsys.readouterr().out
+
+
+def test_early_stopping_unit():
+    from magnet_dist.train.common import EarlyStopping
+
+    stop = EarlyStopping(patience=2)
+    assert stop.update(0, 0.10, {"h_load": 0.5}) and stop.best_epoch == 0
+    assert not stop.update(1, 0.10)  # equal is not better
+    assert not stop.should_stop
+    assert stop.update(3, 0.12, {"h_load": 0.7}) and stop.bad_evals == 0
+    assert not stop.update(5, 0.11) and not stop.should_stop
+    assert not stop.update(7, 0.05) and stop.should_stop
+    assert (stop.best, stop.best_epoch, stop.best_info) == (0.12, 3, {"h_load": 0.7})
+    again = EarlyStopping(patience=2)
+    again.load_state_dict(stop.state_dict())
+    assert again.state_dict() == stop.state_dict() and again.should_stop
+
+
+@pytest.mark.parametrize("eval_every", [1, 2])
+def test_patience_stops_early_and_selects_the_best_validation_epoch(
+    tiny_dataset, tmp_path, eval_every
+):
+    """lr 0.01 peaks on the tiny data within a few epochs: patience 2 ends a 30-epoch run, and
+    the reported model is the evaluated epoch with the highest validation Recall@20."""
+    cfg = tiny_cfg(
+        tiny_dataset,
+        tmp_path,
+        "train.epochs=30",
+        "train.lr=0.01",
+        "train.patience=2",
+        f"train.eval_every={eval_every}",
+    )
+    metrics = train_reference(cfg, progress=False)
+    with (tmp_path / "evaluations.csv").open() as f:
+        evals = list(csv.DictReader(f))
+    epochs = [int(r["epoch"]) for r in evals]
+    valid = [float(r["valid.recall@20"]) for r in evals]
+    assert epochs == list(range(eval_every - 1, epochs[-1] + 1, eval_every))  # the cadence
+    assert epochs[-1] < 29  # stopped early
+    best = valid.index(max(valid))  # the first epoch reaching the maximum
+    assert metrics["best_epoch"] == epochs[best]
+    assert len(evals) == best + 1 + 2  # stopped after exactly `patience` evaluations without gain
+    # the final numbers are the best checkpoint's, re-evaluated
+    assert metrics["valid.recall@20"] == pytest.approx(max(valid), abs=1e-12)
+    # and no epoch trained after the one that triggered the stop
+    from magnet_dist.data.dataset import load_dataset
+
+    per_epoch = -(-len(load_dataset(tiny_dataset).pairs(0)[0]) // 512)
+    assert metrics["steps"] == (epochs[-1] + 1) * per_epoch == len(read_steps(tmp_path))

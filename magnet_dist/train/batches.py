@@ -1,8 +1,11 @@
 """Training minibatches: shuffled positive pairs + uniformly sampled negatives (BPR).
 
-Shared by the reference and the distributed trainer, so both draw the same batches from the same
-seed. Negatives are uniform over items, resampled (a few rounds) where they hit one of the user's
-training items, as MMRec does.
+Both trainers use ``NegativeSampler`` and ``batch_rng``, but not the same batches: the reference
+trainer shuffles all training pairs with ``epoch_batches`` and seeds negatives by (epoch, batch);
+each distributed worker shuffles its own partition's edges (``worker.plan_batches``) and seeds
+negatives by (epoch, batch * world + rank). Same distribution, different draws. Negatives are
+uniform over items, resampled (a few rounds) where they hit one of the user's training items, as
+MMRec does.
 """
 
 from __future__ import annotations

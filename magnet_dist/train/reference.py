@@ -1,7 +1,13 @@
 """The single-process reference trainer (``trainer.mode=reference``).
 
-Full-graph LightGCN propagation every step, the same batches and negatives as the distributed
-trainer (``train/batches.py``), dense MoE. It is what every distributed path is checked against.
+Full-graph LightGCN propagation every step, dense MoE, one Adam over everything (ID embeddings
+included, as a dense ``nn.Embedding``). Same model, loss, routing schedule, evaluation and
+selection as the distributed trainer, but not the same optimisation trajectory: that one trains
+on neighbour-sampled blocks, updates the ID embeddings with DGL's SparseAdam (state only for rows
+a batch touched), and batches each worker's own partition edges with negatives seeded per
+(epoch, batch, rank) (``worker.plan_batches``), where this one shuffles all training pairs
+(``train/batches.py``). So the parity test (tests/test_distributed.py) compares the loss and
+gradients of one batch on the same inputs, not whole runs.
 """
 
 from __future__ import annotations

@@ -493,6 +493,8 @@ def _format_validation_error(err: ValidationError, origin: str) -> str:
         elif "input" in e and e["type"] != "value_error":
             msg = f"{msg} (got {_shorten(repr(e['input']))})"
         lines.append(f"  {path}: {msg}" if path else f"  {msg}")  # cross-section checks name keys
+    if len(lines) == 2:  # one problem: one line
+        return f"{lines[0]} {lines[1].strip()}"
     return "\n".join(lines)
 
 

@@ -70,6 +70,7 @@ def test_bad_config_file(case, tmp_path, capsys):
     assert rc == 2, err
     assert expected in err and str(cfg) in err
     assert "Traceback" not in err and len(err) < 1000, err
+    assert len(err.strip().splitlines()) == 1, err  # one problem, one line
     assert not run.exists()
 
 
@@ -89,7 +90,7 @@ def test_bad_override(override, expected, tmp_path, capsys):
     rc = cli_main(["train", f"train.run_dir={run}", override])
     err = capsys.readouterr().err
     assert rc == 2 and expected in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert not run.exists()
 
 

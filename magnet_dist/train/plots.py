@@ -81,6 +81,9 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             ax.plot(steps["step"], steps["ema_trigger"], label="EMA the trigger watches", ls="--")
         elif "ema_h_use" in steps:  # runs from before routing.trigger_on
             ax.plot(steps["step"], steps["ema_h_use"], label="EMA of H_use", lw=1, ls="--")
+        tau = _routing_setting(run_dir, "tau")
+        if tau is not None:
+            ax.axhline(tau, color="gray", lw=0.8, ls="-.", label=f"tau = {tau}")
         switch = steps.loc[steps["stage"] == 1, "step"]
         if len(switch):
             ax.axvline(
@@ -92,7 +95,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             title="Routing entropies (coverage -> specialisation)",
             ylim=(0, 1.05),
         )
-        ax.legend(loc="lower left", fontsize=8)
+        ax.legend(loc="best", fontsize=8)
         written.append(_save(fig, out_dir / "routing_entropy.png"))
 
         usage = expert_usage(steps, len(experts))
@@ -116,6 +119,16 @@ def make_plots(run_dir: str | Path) -> list[Path]:
         ax.set(ylabel="template weight mass (%)", title="Modality reliance of the MoE head")
         written.append(_save(fig, out_dir / "modality_reliance.png"))
     return written
+
+
+def _routing_setting(run_dir: Path, key: str):
+    """``routing.<key>`` from the run's config.yaml, or None (no file, or an old layout)."""
+    import yaml
+
+    try:
+        return yaml.safe_load((run_dir / "config.yaml").read_text())["routing"][key]
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return None
 
 
 def _save(fig, path: Path) -> Path:

@@ -131,3 +131,15 @@ def test_eval_scores_do_not_depend_on_the_chunk_with_a_small_capacity_factor():
         big, stats = moe(tokens)
         assert stats.dropped.item() == 0
         torch.testing.assert_close(alone(), big, atol=1e-6, rtol=1e-5)
+
+
+def test_l_aux_gradient_acts_on_the_actual_assignments():
+    """GShard's l_aux multiplies hard counts by soft probabilities: on a collapsed router its
+    gradient lowers the logits of the two experts every token is sent to and raises the others,
+    although its value (~1) and the soft H_use (~1) look balanced."""
+    logits = collapsed_logits().requires_grad_()
+    stats = routing_stats(top_k_route(logits, K, None))
+    assert stats.l_aux().item() == pytest.approx(1.0, abs=0.02)
+    stats.l_aux().backward()
+    step = -logits.grad.sum(0)  # direction of a descent step, per expert
+    assert (step[:2] < 0).all() and (step[2:] > 0).all()

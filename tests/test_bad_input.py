@@ -698,13 +698,30 @@ def test_typo_in_data_path_prepares_nothing(tmp_path, capsys):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_config_files_path_given_again_may_be_prepared():
+def test_the_config_files_path_given_again_may_be_prepared(tmp_path, monkeypatch):
     from magnet_dist.train.pipeline import check_auto_prepare
 
+    monkeypatch.chdir(tmp_path)  # a fresh clone: data/ml-100k not there yet
     declared = load_config(QUICKSTART).data.path
     again = Path.cwd() / declared  # e.g. `data.path=$PWD/data/ml-100k`, as in test_multinode
     cfg = load_config(QUICKSTART, [f"data.path={again}"])
     check_auto_prepare(cfg, again)  # no error: the same place as the file's data.source
+
+
+def test_data_path_that_is_not_a_dataset_is_left_alone(tmp_path, capsys):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "todo.txt").write_text("keep me")
+    rc, err = cli(
+        capsys,
+        "train",
+        "data.source=synthetic",
+        f"data.path={folder}",
+        f"train.run_dir={tmp_path / 'run'}",
+    )
+    assert rc == 2 and "exists but is not a prepared dataset" in one_line_error(err)
+    assert [p.name for p in folder.iterdir()] == ["todo.txt"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_missing_parquet_dataset_is_not_auto_prepared(tmp_path, capsys):

@@ -57,6 +57,11 @@ def check_auto_prepare(cfg: Config, path: Path) -> None:
 
     source = cfg.data.source
     command = f"magnet-dist prepare --source {source} --out {path}"
+    if path.exists() or path.is_symlink():
+        raise DataError(
+            f"data.path {path} exists but is not a prepared dataset (no manifest.json); fix "
+            f"data.path, or replace it with `{command} --force`"
+        )
     if source not in GENERATED:
         hint = f"{command} --path {cfg.data.source_path or 'INPUT_DIR'}"
         raise DataError(

@@ -152,6 +152,8 @@ def routing_summary(run_dir: Path) -> dict[str, Any]:
             m: round(float(r), 4) for m, r in zip(table["modalities"], reliance, strict=True)
         },
         "h_use_last": float(tail["h_use"].mean()),
+        # the hard Top-K usage: the soft entropies stay ~1 through a collapse (docs/routing.md)
+        "h_load_last": float(tail["h_load"].mean()) if "h_load" in tail else float("nan"),
         "h_conf_last": float(tail["h_conf"].mean()),
         "route_loss_last": float(tail["route"].mean()),
         "bpr_last": float(tail["bpr"].mean()),
@@ -370,7 +372,7 @@ def markdown(result: dict[str, Any]) -> str:
     if diag:
         lines += [
             "",
-            "| run | switch step (forced) | fusion λ | H_use / H_conf (last 25%) |",
+            "| run | switch step (forced) | fusion λ | H_use / H_conf / H_load (last 25%) |",
             "|---|---|---|---|",
         ]
         for r in diag:
@@ -378,7 +380,11 @@ def markdown(result: dict[str, Any]) -> str:
             lam_s = ", ".join(f"{m[:4]} {x:.2f}" for m, x in lam.items()) or "-"
             sw = r.get("switch_step")
             sw_s = "-" if sw is None else f"{sw}{' (forced)' if r.get('switch_forced') else ''}"
-            ent = f"{r['h_use_last']:.3f} / {r['h_conf_last']:.3f}" if "h_use_last" in r else "-"
+            ent = (
+                f"{r['h_use_last']:.3f} / {r['h_conf_last']:.3f} / {r.get('h_load_last', math.nan):.3f}"
+                if "h_use_last" in r
+                else "-"
+            )
             lines.append(f"| {r['variant']} s{r['seed']} | {sw_s} | {lam_s} | {ent} |")
     return "\n".join(lines) + "\n"
 

@@ -520,6 +520,26 @@ def test_prepare_on_a_full_disk(tmp_path):
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
+def test_enospc_anywhere_is_one_line_saying_disk_full(tmp_path, capsys, monkeypatch):
+    """ulimit gives EFBIG; a real full disk gives ENOSPC: the CLI names the path either way,
+    also for a write no writer wraps (here: raised by the prepare command itself)."""
+    import errno
+
+    from magnet_dist.data import prepare
+
+    target = tmp_path / "data" / "interactions.parquet"
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(target))
+
+    monkeypatch.setattr(prepare, "prepare_dataset", disk_full)
+    rc, err = _prepare_cli(capsys, "synthetic", None, tmp_path / "data")
+    assert rc == 2
+    assert one_line_error(err) == (
+        f"error: cannot write {target}: disk full (No space left on device); free space and re-run"
+    )
+
+
 def test_partition_on_a_full_disk(tiny_dataset, tmp_path):
     out = tmp_path / "parts"
     res = _limited(

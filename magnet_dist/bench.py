@@ -1,4 +1,4 @@
-"""``magnet-dist bench NAME [ARGS...]``: run ``launch/bench_NAME.py`` (or ``launch/NAME.py``).
+"""``magnet-dist bench NAME [ARGS...]``: run ``launch/bench_NAME.py`` (or ``launch/scale.py``).
 
 Benchmarks live as scripts under ``launch/`` (each prints a table and writes JSON); this
 subcommand only finds and runs them with the same interpreter.
@@ -10,6 +10,8 @@ import argparse
 import runpy
 import sys
 from pathlib import Path
+
+from magnet_dist.errors import MagnetError
 
 LAUNCH = Path(__file__).resolve().parent.parent / "launch"
 
@@ -23,11 +25,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
 
 
+def script_for(name: str) -> Path:
+    """The script of benchmark ``name``: one of :func:`available` only (never a path: this
+    command runs code, and must run only the project's own benchmarks)."""
+    names = available()
+    if name not in names:
+        raise MagnetError(
+            f"unknown benchmark {name!r}; available: {', '.join(names)} "
+            "(names of launch/bench_NAME.py, and scale; not paths)"
+        )
+    return LAUNCH / ("scale.py" if name == "scale" else f"bench_{name}.py")
+
+
 def main(args: argparse.Namespace) -> int:
-    for candidate in (LAUNCH / f"bench_{args.name}.py", LAUNCH / f"{args.name}.py"):
-        if candidate.is_file():
-            sys.argv = [str(candidate), *args.args]
-            runpy.run_path(str(candidate), run_name="__main__")
-            return 0
-    print(f"unknown benchmark {args.name!r}; available: {', '.join(available())}", file=sys.stderr)
-    return 2
+    script = script_for(args.name)
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0

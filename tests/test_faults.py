@@ -8,9 +8,14 @@ gloo; faults injected with the ``MAGNET_FAULT_*`` hooks of ``train/worker.py``, 
 - a graph server SIGKILLed mid-run: the run fails fast with a MagnetError naming the partition
   and the server log, and leaves no process behind;
 - determinism: two runs with the same seed and workers (one of them interrupted twice) are
-  identical, step by step.
+  identical, step by step;
+- a worker SIGKILLed before the first checkpoint, under the restart policy of
+  configs/cluster.yaml: the group restarts from step 0 and every step is logged once
+  (metrics.csv, evaluations.csv, TensorBoard);
+- a distributed checkpoint with flipped bytes (dense.pt, any shard) or a missing file is
+  refused before Ray starts, naming the file.
 
-Three distributed runs in all (module-scoped, shared by the tests)."""
+Four distributed runs in all (module-scoped, shared by the tests)."""
 
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from checkpoint_support import flip_tensor_bytes
 from distributed_support import graph_server_pids, tiny_distributed_config
 
 from magnet_dist.errors import MagnetError
@@ -44,8 +50,10 @@ def dist_cfg(data: Path, run: Path, *extra: str):
 
 @contextmanager
 def fault_env(**values: str):
-    """Set MAGNET_FAULT_* variables for one run (the driver forwards them to the workers)."""
+    """Set MAGNET_FAULT_* variables for one run, and MAGNET_ENABLE_FAULT_HOOKS=1 without
+    which they do nothing (the driver forwards them to the workers)."""
     keys = {f"MAGNET_FAULT_{k.upper()}": str(v) for k, v in values.items()}
+    keys["MAGNET_ENABLE_FAULT_HOOKS"] = "1"
     saved = {k: os.environ.get(k) for k in keys}
     os.environ.update(keys)
     try:
@@ -139,6 +147,31 @@ def killed_twice(tiny_dataset, tmp_path_factory):
     fired = sorted(p.name for p in root.glob("marker.*"))
     leftover = wait_gone(graph_server_pids(tiny_dataset) - before)
     return run, metrics, fired, leftover, stale_segments() - stale_before, wall
+
+
+@pytest.fixture(scope="module")
+def restarted_from_scratch(tiny_dataset, tmp_path_factory):
+    """configs/cluster.yaml's restart policy (max_failures, step and minute checkpoint
+    cadence) on the tiny run: rank 1 SIGKILLed after step 3, long before the first
+    checkpoint, so the restarted group has none and starts again from step 0."""
+    from magnet_dist.config import load_config
+
+    policy = load_config(Path(__file__).parent.parent / "configs" / "cluster.yaml").train
+    assert policy.max_failures >= 1 and policy.checkpoint_every_steps > 3
+    root = tmp_path_factory.mktemp("faults")
+    run = root / "scratch"
+    with fault_env(kill_at_step="3@1", marker=root / "marker"):
+        metrics = train_distributed(
+            tiny_distributed_config(
+                tiny_dataset,
+                run,
+                f"train.max_failures={policy.max_failures}",
+                f"train.checkpoint_every_steps={policy.checkpoint_every_steps}",
+                f"train.checkpoint_every_minutes={policy.checkpoint_every_minutes}",
+            ),
+            progress=False,
+        )
+    return run, metrics, sorted(p.name for p in root.glob("marker.*"))
 
 
 @pytest.fixture(scope="module")
@@ -250,6 +283,65 @@ def test_truncated_distributed_checkpoint_is_refused(uninterrupted, tmp_path):
     with pytest.raises(MagnetError, match="cannot be read"):
         train_distributed(cfg, progress=False)
     assert not (tmp_path / "other").exists()
+
+
+def _latest_checkpoint(storage: Path) -> Path:
+    snapshot = json.loads((storage / "quickstart" / "checkpoint_manager_snapshot.json").read_text())
+    return storage / "quickstart" / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+
+
+@pytest.mark.parametrize(
+    "pattern", ["dense.pt", "embeddings.part1-*.pt", "experts-ep*.pt", "sparse-adam-rank001.pt_*"]
+)
+def test_bit_flipped_distributed_checkpoint_is_refused(uninterrupted, tmp_path, pattern):
+    """Bytes flipped inside a file's tensor data (torch would load it silently): refused before
+    Ray starts, naming the file; the run folder is not created."""
+    plain_run, _ = uninterrupted
+    storage = tmp_path / "storage"
+    shutil.copytree(plain_run / "ray", storage)
+    latest = _latest_checkpoint(storage)
+    manifests = sorted(p.name for p in latest.glob("manifest-rank*.json"))
+    assert manifests == ["manifest-rank000.json", "manifest-rank001.json"]
+    (damaged,) = latest.glob(pattern)
+    flip_tensor_bytes(damaged)
+    cfg = dist_cfg(_data_of(plain_run), tmp_path / "other", f"train.storage_path={storage}")
+    with pytest.raises(MagnetError) as info:
+        train_distributed(cfg, progress=False)
+    assert f"checkpoint {damaged} cannot be read: it is damaged (sha256 differs" in str(info.value)
+    assert not (tmp_path / "other").exists()
+
+
+def test_distributed_checkpoint_missing_a_file_is_refused(uninterrupted, tmp_path):
+    plain_run, _ = uninterrupted
+    storage = tmp_path / "storage"
+    shutil.copytree(plain_run / "ray", storage)
+    latest = _latest_checkpoint(storage)
+    (gone,) = latest.glob("sparse-adam-rank000.pt_*")
+    gone.unlink()  # DGL's loader would start its optimizer state fresh, with a warning
+    cfg = dist_cfg(_data_of(plain_run), tmp_path / "other", f"train.storage_path={storage}")
+    with pytest.raises(MagnetError, match=f"incomplete: {gone.name} .listed in manifest-rank000"):
+        train_distributed(cfg, progress=False)
+
+
+def test_restart_before_the_first_checkpoint_logs_every_step_once(
+    uninterrupted, restarted_from_scratch
+):
+    """Before: the restarted group appended to the first attempt's rows (steps 1-3 twice).
+    The restart replays the same steps (same seeds), so the files equal the plain run's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plain_run, plain = uninterrupted
+    run, metrics, fired = restarted_from_scratch
+    assert fired == ["marker.kill_at_step"]
+    assert events(run, "resume") == []  # nothing to resume from: a fresh start
+    steps = [int(r["step"]) for r in read_steps(run)]
+    assert steps == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert (run / "metrics.csv").read_text() == (plain_run / "metrics.csv").read_text()
+    assert (run / "evaluations.csv").read_text() == (plain_run / "evaluations.csv").read_text()
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("loss")] == steps
+    assert metrics["test.recall@20"] == plain["test.recall@20"]
 
 
 def _data_of(run: Path) -> str:

@@ -88,3 +88,40 @@ def test_embedded_ray_listens_on_loopback_only():
         sockets = _listening([p.pid for p in me.children(recursive=True)] + [me.pid])
     assert sockets, "found no Ray listener to check"
     assert all(_loopback(ip) for _, ip, _ in sockets), sockets
+
+
+def test_bench_runs_only_its_own_benchmarks(tmp_path, capsys):
+    from magnet_dist.cli import main
+
+    evil = tmp_path / "evil.py"
+    marker = tmp_path / "ran"
+    evil.write_text(f"open({str(marker)!r}, 'w').close()\n")
+    for name in (str(evil), str(tmp_path / "evil"), "../launch/train", "train"):
+        assert main(["bench", name]) == 2, name
+        err = capsys.readouterr().err
+        assert f"unknown benchmark {name!r}; available: " in err and "scale" in err, err
+        assert "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_fault_hooks_need_their_explicit_enable(capsys):
+    """MAGNET_FAULT_* in a production environment does nothing (and says so); only
+    MAGNET_ENABLE_FAULT_HOOKS=1, which only the tests set, turns the hooks on."""
+    from magnet_dist.train.worker import FaultHooks, fault_hooks_from
+
+    env = {"MAGNET_FAULT_KILL_AT_STEP": "3@0", "MAGNET_FAULT_MARKER": "/tmp/m", "PATH": "/bin"}
+    assert fault_hooks_from(env) == {}
+    assert "ignoring MAGNET_FAULT_KILL_AT_STEP, MAGNET_FAULT_MARKER" in capsys.readouterr().err
+    assert FaultHooks(env, rank=0, part=0).env == {}
+    assert not FaultHooks(env, rank=0, part=0)._due("KILL_AT_STEP", 3, 0)
+    enabled = {**env, "MAGNET_ENABLE_FAULT_HOOKS": "1"}
+    forwarded = fault_hooks_from(enabled)
+    assert forwarded == {
+        "MAGNET_FAULT_KILL_AT_STEP": "3@0",
+        "MAGNET_FAULT_MARKER": "/tmp/m",
+        "MAGNET_ENABLE_FAULT_HOOKS": "1",
+    }
+    hooks = FaultHooks({"MAGNET_FAULT_KILL_AT_STEP": "3@0", **forwarded}, rank=0, part=0)
+    hooks.env.pop("MAGNET_FAULT_MARKER")  # no marker file for this check
+    assert hooks._due("KILL_AT_STEP", 3, 0) and not hooks._due("KILL_AT_STEP", 4, 0)
+    assert fault_hooks_from({"MAGNET_FAULT_LOG": "/x", "MAGNET_ENABLE_FAULT_HOOKS": "1"}) == {}

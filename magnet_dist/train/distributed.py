@@ -118,10 +118,14 @@ def ray_cluster(cfg: Config):
     if ray.is_initialized():
         yield
         return
+    from magnet_dist.train.ray_auth import make_private, private_token_for_new_cluster, token_file
+
     if address:
+        make_private(token_file())  # a token file of ours that others can read
         # merged with the runtime_env of `ray job submit` (Ray refuses a conflicting value)
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": job_env(cfg)})
     else:
+        private_token_for_new_cluster()  # else Ray writes ~/.ray/auth_token world-readable
         cpus = max(int(cfg.train.workers * cfg.train.cpus_per_worker) + 1, os.cpu_count() or 1)
         ray.init(
             num_cpus=cpus,
@@ -211,7 +215,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from magnet_dist.data.dataset import load_dataset
-    from magnet_dist.train.worker import FAILURE_DIR, train_loop_per_worker
+    from magnet_dist.train.worker import FAILURE_DIR, fault_hooks_from, train_loop_per_worker
 
     cfg = with_absolute_paths(cfg)
     # every input is checked before anything is written or started: a damaged Parquet file
@@ -239,8 +243,8 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 # 0: the workers pick free ports at every (re)start of the worker group
                 "base_port": cfg.trainer.server_port,
                 "progress": progress,
-                # test hooks that inject faults (worker.FaultHooks); empty unless set
-                "faults": {k: v for k, v in os.environ.items() if k.startswith("MAGNET_FAULT_")},
+                # test hooks that inject faults (worker.FaultHooks); empty unless enabled
+                "faults": fault_hooks_from(os.environ),
                 "attempt": attempt,
             },
             scaling_config=ScalingConfig(

@@ -191,6 +191,19 @@ def assert_same_schedule(state: ScheduleState) -> None:
         raise RuntimeError(f"workers disagree on the routing stage: min {lo}, max {hi}")
 
 
+def checkpoint_due(step: int, every_steps: int, every_minutes: float, since: float) -> bool:
+    """Whether a mid-epoch checkpoint is due after ``step``: every ``every_steps`` steps, or
+    once ``every_minutes`` of wall clock have passed since ``since`` (``time.monotonic()`` of
+    the last checkpoint). Rank 0's clock decides and is broadcast, so every rank reports on
+    the same step (one tiny collective per step, only with ``every_minutes``)."""
+    due = bool(every_steps) and step % every_steps == 0
+    if every_minutes:
+        late = collective_tensor([float(time.monotonic() - since >= 60.0 * every_minutes)])
+        dist.broadcast(late, src=0)
+        due = due or bool(late.item())
+    return due
+
+
 def mean_over_workers(values: list[float]) -> list[float]:
     t = collective_tensor(values)
     dist.all_reduce(t)
@@ -373,11 +386,34 @@ def export_best(run_dir: Path, cfg: Config, scorer, client, ctx: WorkerContext, 
 FAILURE_DIR = "failures"
 SERVER_DIED_EXIT = 71
 FAULT_SETTLE_S = 5.0
+FAULT_HOOKS_ENABLE = "MAGNET_ENABLE_FAULT_HOOKS"
+FAULT_HOOKS = tuple(
+    f"MAGNET_FAULT_{hook}"
+    for hook in ("KILL_AT_STEP", "KILL_IN_CHECKPOINT", "KILL_SERVER_AT_STEP", "MARKER")
+)
+
+
+def fault_hooks_from(env, warn: bool = True) -> dict[str, str]:
+    """The fault hooks of ``env`` (with their enable) when ``MAGNET_ENABLE_FAULT_HOOKS=1``;
+    otherwise none, with a warning if some are set (what the driver forwards to workers)."""
+    hooks = {k: env[k] for k in FAULT_HOOKS if env.get(k)}
+    if env.get(FAULT_HOOKS_ENABLE) == "1":
+        return {**hooks, FAULT_HOOKS_ENABLE: "1"} if hooks else {}
+    if hooks and warn:
+        print(
+            f"magnet_dist: warning: ignoring {', '.join(sorted(hooks))}: fault-injection test "
+            f"hooks work only with {FAULT_HOOKS_ENABLE}=1 (tests set it; never in production)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return {}
 
 
 class FaultHooks:
     """Faults injected on purpose, for the fault-tolerance tests (no effect unless set).
 
+    Honoured only with ``MAGNET_ENABLE_FAULT_HOOKS=1`` (which only the tests set), so a
+    production environment cannot make a worker kill itself (:func:`fault_hooks_from`).
     Read from ``MAGNET_FAULT_*`` variables (the driver forwards its own to the workers); a
     value is ``STEP`` or ``STEP@WHO`` (WHO: a rank, or for the server hook a partition;
     default 0):
@@ -395,7 +431,7 @@ class FaultHooks:
     """
 
     def __init__(self, env: dict[str, str], rank: int, part: int) -> None:
-        self.env = {k: v for k, v in env.items() if k.startswith("MAGNET_FAULT_")}
+        self.env = fault_hooks_from(env, warn=False)
         self.rank, self.part = rank, part
 
     def _due(self, hook: str, step: int, mine: int) -> bool:
@@ -588,7 +624,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             truncate_evaluations(run_dir, step)
 
+        checkpointed_at = time.monotonic()  # for train.checkpoint_every_minutes
+
         def report_checkpoint(metrics: dict, extra: dict, name: str) -> None:
+            nonlocal checkpointed_at
+            checkpointed_at = time.monotonic()
             log.flush()  # every step up to this one is in metrics.csv before it is registered
             with tempfile.TemporaryDirectory() as tmp:
                 save_worker_checkpoint(Path(tmp), ctx, model, client, opts, emb_opt, extra, cfg)
@@ -665,11 +705,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     bar.update(1)
                 faults.after_step(step, servers)
                 end_of_epoch = b + 1 == len(plan)
-                if (
-                    every_steps
-                    and step % every_steps == 0
-                    and not (end_of_epoch and epoch_checkpoint)
-                ):
+                due = checkpoint_due(
+                    step, every_steps, cfg.train.checkpoint_every_minutes, checkpointed_at
+                )
+                if due and not (end_of_epoch and epoch_checkpoint):
                     report_checkpoint(
                         {"epoch": epoch, "step": step},
                         {

@@ -1,0 +1,43 @@
+"""When the distributed worker writes a mid-epoch checkpoint (``checkpoint_due``): every
+``train.checkpoint_every_steps`` steps, or after ``train.checkpoint_every_minutes`` of wall
+clock, decided by rank 0's clock for every rank (real gloo process group, two processes)."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from magnet_dist.train.worker import checkpoint_due
+
+
+def _decide(rank: int, world: int, store: str, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    now = time.monotonic()
+    stale, fresh = now - 600.0, now  # a checkpoint 10 minutes ago / just now
+    answers = {
+        # rank 0's last checkpoint is 10 minutes old: every rank checkpoints, rank 1 too
+        "rank0_late": checkpoint_due(7, 0, 5.0, stale if rank == 0 else fresh),
+        # only rank 1's clock says late: nobody checkpoints (rank 0 decides)
+        "rank1_late": checkpoint_due(7, 0, 5.0, fresh if rank == 0 else stale),
+        # the step interval still applies alongside the clock
+        "step_due": checkpoint_due(8, 4, 5.0, fresh),
+    }
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(answers, f)
+    dist.destroy_process_group()
+
+
+def test_every_rank_takes_rank_zeros_wall_clock_decision(tmp_path):
+    out = str(tmp_path / "answers")
+    mp.spawn(_decide, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    answers = [json.loads((tmp_path / f"answers.{r}").read_text()) for r in range(2)]
+    assert answers[0] == answers[1] == {"rank0_late": True, "rank1_late": False, "step_due": True}
+
+
+def test_step_interval_without_a_clock_needs_no_process_group():
+    assert not dist.is_initialized()
+    assert [s for s in range(1, 13) if checkpoint_due(s, 4, 0.0, 0.0)] == [4, 8, 12]
+    assert not any(checkpoint_due(s, 0, 0.0, 0.0) for s in range(1, 13))  # both off

@@ -3,7 +3,7 @@ CLI, a message naming the input, no traceback) and leaves no run folder behind; 
 reference trainer's checkpoint atomicity and determinism.
 
 Config keys and types, ``moe.top_k`` > E and ``moe.ep_size`` not dividing E are in
-test_cli.py; a distributed checkpoint from another config or truncated is in test_faults.py
+test_cli.py; malformed / hostile config files and overrides in test_bad_config.py; a distributed checkpoint from another config or truncated is in test_faults.py
 (it needs a finished distributed run). None of these tests starts Ray: the distributed
 driver checks its inputs first."""
 

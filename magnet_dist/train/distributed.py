@@ -7,7 +7,9 @@ themselves, next to them, and die with them.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import tempfile
 import time
 import uuid
 from contextlib import contextmanager
@@ -35,18 +37,27 @@ def check_layout(cfg: Config) -> int:
 
 def ensure_partitions(cfg: Config, quiet: bool = False) -> Path:
     from magnet_dist.graph.partition import partition_dataset
+    from magnet_dist.train.library_output import captured_output
 
     parts = check_layout(cfg)
     t0 = time.time()
-    part_config = partition_dataset(
-        cfg.data.path,
-        parts,
-        method=cfg.graph.partition_method,
-        out_dir=cfg.graph.partition_dir,
-        allow_missing_content=not cfg.model.content_view,
-    )
+    # DGL's partitioning statistics (C++ and Python prints) go to a log beside the partitions
+    with tempfile.TemporaryDirectory() as tmp:
+        with captured_output(Path(tmp) / "partition.log") as log:
+            part_config = partition_dataset(
+                cfg.data.path,
+                parts,
+                method=cfg.graph.partition_method,
+                out_dir=cfg.graph.partition_dir,
+                allow_missing_content=not cfg.model.content_view,
+            )
+        kept = Path(part_config).parent / "partition.log"
+        with kept.open("a") as out:
+            out.write(log.read_text(errors="replace"))
     if not quiet:
-        print(f"[distributed] partitions ready: {part_config} ({time.time() - t0:.1f} s)")
+        print(
+            f"[distributed] partitions ready: {part_config} ({time.time() - t0:.1f} s; log: {kept})"
+        )
     return Path(part_config)
 
 
@@ -77,6 +88,9 @@ def job_env(cfg: Config) -> dict[str, str]:
     ``trainer.interface`` the interface gloo and NCCL use (read when Ray Train creates the
     process group, before the training function runs)."""
     env = dict(RAY_WORKER_ENV)
+    # Ray Train's print patch tees a worker's print to stdout and to a logger that also
+    # writes to the console: every line of ours appeared twice
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if cfg.trainer.interface:
         env["GLOO_SOCKET_IFNAME"] = cfg.trainer.interface
         env["NCCL_SOCKET_IFNAME"] = cfg.trainer.interface
@@ -103,7 +117,16 @@ def quiet_placement_group_cleaner() -> None:
     the placement group of a controller that died, is done here by ``ray.shutdown()``."""
     import logging
 
+    import ray
+
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+    # the cleaner finds the cluster through RAY_ADDRESS; unset, with another Ray instance on
+    # the machine its thread died with "Found multiple active Ray instances" (a traceback in
+    # the quick start's output)
+    try:
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
+    except Exception:  # noqa: BLE001 - not connected yet: the cleaner may still guess right
+        pass
 
 
 @contextmanager
@@ -126,10 +149,17 @@ def ray_cluster(cfg: Config):
         ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": job_env(cfg)})
     else:
         private_token_for_new_cluster()  # else Ray writes ~/.ray/auth_token world-readable
+        # token authentication stays on (Ray's default for a new cluster); Ray announces that
+        # with a warning on every run ("set RAY_AUTH_MODE=disabled to opt out"): not printed.
+        # (Setting RAY_AUTH_MODE=token here instead breaks: Ray reads it at import.)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
         cpus = max(int(cfg.train.workers * cfg.train.cpus_per_worker) + 1, os.cpu_count() or 1)
         ray.init(
             num_cpus=cpus,
             include_dashboard=False,
+            logging_level=logging.WARNING,  # not "Started a local Ray instance."
             _node_ip_address=embedded_node_ip(cfg.trainer.host),
             log_to_driver=True,
             runtime_env={
@@ -211,7 +241,7 @@ def storage_filesystem(storage_path: str):
 def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     if not (cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")):
         keep_ray_on_loopback()  # before the first ray import
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from magnet_dist.data.dataset import load_dataset
@@ -259,6 +289,9 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 storage_path=str(storage),
                 failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                # Ray Train's INFO lines (a "Checkpoint successfully created" and a "Reporting
+                # training result" per worker and epoch) only in its session logs
+                logging_config=LoggingConfig(log_level="WARNING"),
             ),
         )
         try:

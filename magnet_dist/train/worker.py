@@ -43,6 +43,7 @@ from magnet_dist.train.common import (
     step_row,
     truncate_evaluations,
 )
+from magnet_dist.train.library_output import captured_output, quiet_ray_console
 from magnet_dist.train.reference import select
 from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomic
 from magnet_dist.train.worker_info import record_worker
@@ -527,6 +528,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = worker_device(cfg.train.use_gpu)
     torch.manual_seed(cfg.train.seed)
     progress = bool(config.get("progress")) and rank == 0
+    quiet_ray_console()  # Ray's INFO lines stay in its session logs
     os.environ[FAULT_LOG_ENV] = str(run_dir / FAILURE_DIR / f"rank{rank}.log")
     os.environ[FAULT_ATTEMPT_ENV] = str(config.get("attempt") or "")
     faults = FaultHooks({**os.environ, **config.get("faults", {})}, rank, ctx.part)
@@ -540,15 +542,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         warn_if_ray_kills_servers()
         servers.watch(_exit_on_server_death)
     record_worker(run_dir, rank, world, ctx.part, servers)
-    client = connect(
-        config["part_config"],
-        ip_config,
-        ctx.part,
-        num_parts,
-        timeout_s=cfg.trainer.server_timeout_s,
-        client_ports=cfg.trainer.client_ports,
-        client_ip=interface_ipv4(cfg.trainer.interface) if cfg.trainer.interface else None,
-    )
+    # DGL's client prints (connect, exit) go to the run folder, not the terminal
+    dgl_log = run_dir / "logs" / f"dgl-client-rank{rank}.log"
+    with captured_output(dgl_log):
+        client = connect(
+            config["part_config"],
+            ip_config,
+            ctx.part,
+            num_parts,
+            timeout_s=cfg.trainer.server_timeout_s,
+            client_ports=cfg.trainer.client_ports,
+            client_ip=interface_ipv4(cfg.trainer.interface) if cfg.trainer.interface else None,
+        )
     try:
         ds = load_dataset(cfg.data.path)
         if cfg.moe.ep_size > 1 and cfg.model.use_moe:
@@ -801,7 +806,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if servers is not None:
             servers.unwatch()  # from here on the servers exit on purpose
         if _dead_server_message(servers) is None:
-            client.close()
+            with captured_output(dgl_log):
+                client.close()
         else:  # exit_client would wait for the dead server until the watchdog fires
             client.abandon()
         if servers is not None:

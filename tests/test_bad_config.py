@@ -116,6 +116,9 @@ def test_small_aliases_and_old_run_configs_load(tmp_path):
     cfg = tmp_path / "alias.yaml"
     cfg.write_text("model:\n  dim: &d 32\nmoe:\n  experts_per_template: 1\n")
     assert load_config(cfg).model.dim == 32
+    merged = tmp_path / "merge.yaml"  # YAML merge keys; an explicit key overrides a merged one
+    merged.write_text("train:\n  <<: {epochs: 4, lr: 0.01}\n  epochs: 5\n")
+    assert (load_config(merged).train.epochs, load_config(merged).train.lr) == (5, 0.01)
     old = tmp_path / "old_run.yaml"  # a run folder's config.yaml written before the removal
     old.write_text("train:\n  sampled: false\n  epochs: 3\n")
     assert load_config(old).train.epochs == 3

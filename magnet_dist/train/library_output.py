@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from pathlib import Path
 
 
@@ -28,17 +28,18 @@ def captured_output(path: str | Path):
     sys.stderr.flush()
     saved = {fd: os.dup(fd) for fd in (1, 2)}
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    text = open(path, "a", buffering=1)  # Python's own sys.stdout may not write to fd 1
     failed = False
     try:
         for fd in saved:
             os.dup2(log, fd)
-        yield path
+        with redirect_stdout(text), redirect_stderr(text):
+            yield path
     except BaseException:
         failed = True
         raise
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        text.close()
         for fd, copy in saved.items():
             os.dup2(copy, fd)
             os.close(copy)

@@ -125,6 +125,19 @@ def test_manifest_names_a_damaged_missing_or_unlisted_file(tmp_path):
         ckpt.verify_checkpoint_dir(folder)
 
 
+def test_damaged_expert_shard_is_named_when_loaded_alone(tmp_path):
+    """The expert-shard reader checks the CRCs itself (it is also used without a manifest)."""
+    from magnet_dist.model.magnet import build_dense_moe
+    from magnet_dist.parallel.checkpoint import load_expert_shard, save_expert_shard
+
+    moe = build_dense_moe(load_config(), ["behaviour", "visual", "text"])
+    path = save_expert_shard(moe, tmp_path)
+    load_expert_shard(moe, tmp_path)  # intact
+    flip_tensor_bytes(path)
+    with pytest.raises(ckpt.CheckpointDamaged, match=f"{path.name} cannot be read: it is damaged"):
+        load_expert_shard(moe, tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------
 # resume under a changed config
 

@@ -20,6 +20,7 @@ from magnet_dist.errors import MagnetError
 from magnet_dist.model.moe import TripletMoE
 from magnet_dist.parallel.expert_parallel import ExpertParallelMoE
 from magnet_dist.parallel.reduce import expert_state_prefixes
+from magnet_dist.train.checkpoint import verify_file
 
 FORMAT = "magnet-expert-shard-v1"
 _SHARD = re.compile(r"experts-ep(\d+)-of-(\d+)\.pt$")
@@ -101,6 +102,7 @@ def save_expert_shard(
 
 
 def _read(path: Path) -> dict:
+    verify_file(path)  # flipped bits would otherwise load as wrong weights (no CRC check)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated, corrupted, or not a tensors-only file

@@ -69,9 +69,21 @@ def test_second_run_into_a_locked_run_folder_is_refused(tiny_dataset, tmp_path):
         assert (run / "metrics.json").is_file()
 
 
+def test_distributed_driver_refuses_a_locked_run_folder_before_ray_starts(tiny_dataset, tmp_path):
+    from distributed_support import tiny_distributed_config
+
+    from magnet_dist.train.distributed import train_distributed
+
+    run = tmp_path / "run"
+    with held_by_another_process("run_lock", run) as holder:
+        with pytest.raises(FolderLocked, match=f"run folder {run} is in use by PID {holder.pid}"):
+            train_distributed(tiny_distributed_config(tiny_dataset, run), progress=False)
+    assert sorted(p.name for p in run.iterdir()) == ["run.lock"]  # nothing else written
+
+
 def test_second_build_in_a_locked_dataset_folder_is_refused(tiny_dataset, tmp_path):
     data = tmp_path / "tiny"
-    shutil.copytree(tiny_dataset, data)
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns("partitions-*"))
     edges = data / "content_edges.parquet"
     before = edges.read_bytes()
     with held_by_another_process("dataset_lock", data) as holder:

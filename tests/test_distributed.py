@@ -83,6 +83,12 @@ def test_two_workers_train_end_to_end(two_worker_run):
     assert steps == list(range(1, len(steps) + 1))
     assert (run / "checkpoints" / "best.pt").exists()
     assert (run / "plots" / "routing_entropy.png").exists()
+    # hard Top-K usage of the global batch (all-reduced): logged per step and summarised
+    rows = read_steps(run)
+    assert all(0 <= float(r["h_load"]) <= 1 for r in rows)
+    for part in ("final", "best_epoch"):
+        assert sum(metrics["routing"][part]["load_share"]) == pytest.approx(1.0)
+        assert len(metrics["routing"][part]["load_share"]) == 9
 
 
 def test_stage_switch_happens_on_every_worker_together(two_worker_run):
@@ -90,6 +96,9 @@ def test_stage_switch_happens_on_every_worker_together(two_worker_run):
     stages = [int(r["stage"]) for r in read_steps(run)]
     assert stages == sorted(stages) and 1 in stages  # switched once, never back
     assert metrics["switch_step"] == stages.index(1) + 1  # (workers assert equality each step)
+    # on the tiny data H_load starts above tau: the hard trigger fires itself, at S_min (4)
+    assert metrics["trigger_on"] == "hard" and not metrics["switch_forced"]
+    assert metrics["switch_step"] == 4
 
 
 def test_graph_servers_listen_where_the_config_says(two_worker_run):

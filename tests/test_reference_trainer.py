@@ -143,9 +143,12 @@ def test_resume_continues_steps_without_repeats(tiny_dataset, tmp_path):
     run = tmp_path / "run"
     train_reference(tiny_cfg(tiny_dataset, run, "train.epochs=1"), progress=False)
     first = len(read_steps(run))
-    train_reference(tiny_cfg(tiny_dataset, run, "train.epochs=2"), progress=False)
+    metrics = train_reference(tiny_cfg(tiny_dataset, run, "train.epochs=2"), progress=False)
     steps = [int(r["step"]) for r in read_steps(run)]
     assert steps == list(range(1, 2 * first + 1))
+    # the routing summary of the last epoch covers all of its steps
+    assert metrics["routing"]["final"]["epoch"] == 1
+    assert metrics["routing"]["final"]["steps"] == first
 
 
 def test_checkpoint_from_other_config_is_refused(tiny_dataset, tmp_path):

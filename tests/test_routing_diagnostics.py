@@ -10,7 +10,7 @@ from magnet_dist.config import RoutingConfig, load_config
 from magnet_dist.model.magnet import build_dense_moe
 from magnet_dist.model.router import routing_stats, top_k_route
 from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
-from magnet_dist.train.common import RoutingTally
+from magnet_dist.train.common import epoch_routing
 
 E, K, N = 9, 2, 900
 
@@ -73,15 +73,23 @@ def test_h_load_of_reduced_stats_is_the_global_one():
     assert 0.5 < reduced.h_load().item() < 1.0
 
 
-def test_routing_tally_counts_zero_load_experts():
-    tally = RoutingTally()
-    for _ in range(3):
-        tally.add(routing_stats(top_k_route(collapsed_logits(), K, None)))
-    s = tally.summary()
-    assert s["zero_load_experts"] == E - 2
-    assert s["load_share"][:2] == pytest.approx([0.5, 0.5])
-    assert s["h_load"] == pytest.approx(math.log(2) / math.log(E), rel=1e-6)
-    assert RoutingTally().summary() is None
+def test_epoch_routing_sums_one_epochs_rows_of_metrics_csv(tmp_path):
+    """The metrics.json summary comes from metrics.csv (continuous across a resume): per-expert
+    loads of one epoch's steps, summed, as shares; experts never loaded are counted."""
+    rows = [
+        "step,epoch,loss,load_0,load_1,load_2,load_3",
+        "1,0,0.7,10,0,0,0",  # epoch 0: all on expert 0
+        "2,1,0.6,4,4,0,0",
+        "3,1,0.6,2,6,0,0",  # epoch 1: 6 + 10 of 16 on experts 0, 1
+    ]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    s = epoch_routing(tmp_path, 1)
+    assert s["load_share"] == pytest.approx([6 / 16, 10 / 16, 0, 0])
+    assert s["zero_load_experts"] == 2 and s["steps"] == 2
+    p = [6 / 16, 10 / 16]
+    assert s["h_load"] == pytest.approx(-sum(x * math.log(x) for x in p) / math.log(4))
+    assert epoch_routing(tmp_path, 0)["h_load"] == 0.0
+    assert epoch_routing(tmp_path, 2) is None
 
 
 def run_trigger(logits_fn, cfg: RoutingConfig, steps: int) -> list[ScheduleState]:

@@ -3,6 +3,7 @@ plots, early stopping on validation Recall@20, and the end-of-run files."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,6 @@ from typing import Any
 import numpy as np
 
 from magnet_dist.model.magnet import LossOutput, MagnetModel
-from magnet_dist.model.router import RoutingStats
 from magnet_dist.model.schedule import SPECIALISATION, ScheduleState
 from magnet_dist.train.plots import make_plots
 from magnet_dist.train.run_folder import write_json_atomic
@@ -66,37 +66,35 @@ def expert_table(model: MagnetModel, experts: list | None = None) -> dict[str, A
     return {"modalities": model.modalities, "experts": rows}
 
 
-class RoutingTally:
-    """Top-K assignments per expert summed over the global stats of an epoch's steps, for the
-    routing summary in metrics.json (the soft entropies cannot show a collapse; this can)."""
-
-    def __init__(self) -> None:
-        self.assigned: np.ndarray | None = None
-        self.tokens = 0.0
-        self.top_k = 1
-
-    def add(self, stats: RoutingStats | None) -> None:
-        if stats is None:
-            return
-        assigned = stats.assigned.detach().double().cpu().numpy()
-        self.assigned = assigned if self.assigned is None else self.assigned + assigned
-        self.tokens += float(stats.tokens)
-        self.top_k = stats.top_k
-
-    def summary(self) -> dict[str, Any] | None:
-        """``h_load`` (normalised entropy of the shares), ``load_share`` per expert (sums to 1)
-        and ``zero_load_experts``; None before any MoE step."""
-        if self.assigned is None or self.tokens == 0:
-            return None
-        share = self.assigned / (self.tokens * self.top_k)
-        nz = share[share > 0]
-        h = float(-(nz * np.log(nz)).sum() / np.log(len(share))) if len(share) > 1 else 0.0
-        return {
-            "h_load": h,
-            "load_share": [float(v) for v in share],
-            "zero_load_experts": int((self.assigned == 0).sum()),
-            "tokens": self.tokens,
-        }
+def epoch_routing(run_dir: Path, epoch: int) -> dict[str, Any] | None:
+    """Routing summary of one epoch from metrics.csv (so a resumed run, whose rows are
+    continuous, gets the same summary): ``load_share`` per expert (the assignments each expert
+    processed, summed over the epoch's steps and normalised; without a capacity factor these are
+    the Top-K assignment shares), their normalised entropy ``h_load``, and
+    ``zero_load_experts``. None without MoE rows for that epoch."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return None
+    with path.open() as f:
+        reader = csv.DictReader(f)
+        cols = [c for c in reader.fieldnames or [] if c.startswith("load_")]
+        cols.sort(key=lambda c: int(c.split("_")[1]))
+        rows = [r for r in reader if r.get("epoch") == str(epoch) and cols and r[cols[0]]]
+    if not rows:
+        return None
+    load = np.array([[float(r[c]) for c in cols] for r in rows]).sum(0)
+    if load.sum() == 0:
+        return None
+    share = load / load.sum()
+    nz = share[share > 0]
+    h = float(-(nz * np.log(nz)).sum() / np.log(len(share))) if len(share) > 1 else 0.0
+    return {
+        "epoch": epoch,
+        "h_load": h,
+        "load_share": [float(v) for v in share],
+        "zero_load_experts": int((load == 0).sum()),
+        "steps": len(rows),
+    }
 
 
 class EarlyStopping:

@@ -33,8 +33,8 @@ from magnet_dist.train.checkpoint import load_checkpoint, save_checkpoint
 from magnet_dist.train.common import (
     SELECTION_METRIC,
     EarlyStopping,
-    RoutingTally,
     append_evaluation,
+    epoch_routing,
     expert_table,
     finish_run,
     step_row,
@@ -149,11 +149,10 @@ def _train_reference(cfg: Config, progress: bool, hold: ExitStack) -> dict[str, 
 
     t0 = time.time()
     pairs_trained, step_seconds = 0, 0.0
-    last_routing = None  # routing summary of the last epoch trained
+    last_routing = epoch_routing(run_dir, start_epoch - 1)  # a resumed run's last epoch
     epochs = range(start_epoch, cfg.train.epochs)
     bar = tqdm(epochs, desc="epochs", disable=not progress, unit="epoch")
     for epoch in bar:
-        tally = RoutingTally()
         for b, idx in epoch_batches(len(tu), cfg.train.batch_size, cfg.train.seed, epoch):
             if cfg.train.max_steps_per_epoch and b >= cfg.train.max_steps_per_epoch:
                 break
@@ -163,13 +162,12 @@ def _train_reference(cfg: Config, progress: bool, hold: ExitStack) -> dict[str, 
             out = train_step(model, graph, emb, opt, users, pos, neg, state)
             if out.stats is not None:
                 state = advance(state, trigger_signal(out.stats, cfg.routing), cfg.routing)
-                tally.add(out.stats)
             step += 1
             pairs_trained += len(idx)
             step_seconds += time.perf_counter() - t_step
             log.log(step_row(step, epoch, out, state))
         log.flush()
-        last_routing = tally.summary()
+        last_routing = epoch_routing(run_dir, epoch)  # from metrics.csv, resume-proof
         if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
             metrics = evaluate(model, graph, emb, valid, "valid")
             improved = stopper.update(epoch, metrics[SELECTION_METRIC], last_routing)

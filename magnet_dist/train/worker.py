@@ -36,8 +36,8 @@ from magnet_dist.train.batches import NegativeSampler, batch_rng
 from magnet_dist.train.common import (
     SELECTION_METRIC,
     EarlyStopping,
-    RoutingTally,
     append_evaluation,
+    epoch_routing,
     expert_table,
     finish_run,
     step_row,
@@ -649,9 +649,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         # every rank takes as many steps per epoch as the rank with the most local edges
         max_local = collective_tensor([len(users_local)], dtype=torch.int64)
         dist.all_reduce(max_local, op=dist.ReduceOp.MAX)
-        last_routing = None  # routing summary of the last epoch trained
+        last_routing = epoch_routing(run_dir, start_epoch - 1) if rank == 0 else None  # resumed
         for epoch in range(start_epoch, cfg.train.epochs):
-            tally = RoutingTally()
             plan = plan_batches(
                 len(users_local),
                 int(max_local),
@@ -698,7 +697,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 emb_opt.step()
                 if out.stats is not None:
                     state = advance(state, trigger_signal(out.stats, cfg.routing), cfg.routing)
-                    tally.add(out.stats)
                     assert_same_schedule(state)
                 step += 1
                 pairs += len(idx) * world
@@ -729,7 +727,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if bar is not None:
                 bar.close()
             log.flush()
-            last_routing = tally.summary()
+            last_routing = epoch_routing(run_dir, epoch) if rank == 0 else None  # metrics.csv
             metrics: dict[str, float] = {"epoch": epoch, "step": step}
             if not cfg.eval.in_loop:
                 if last:  # no ranking in the loop: the final model is the exported one

@@ -75,6 +75,16 @@ def folder_lock(lock_file: Path, what: str, advice: str) -> Iterator[None]:
             os.close(fd)  # releases the lock
 
 
+def check_run_folder_free(run_dir: Path) -> None:
+    """Raise :class:`FolderLocked` now if another process holds the run folder's lock (before
+    reading checkpoints it may be writing); creates nothing."""
+    lock_file = (Path(run_dir) / RUN_LOCK).absolute()
+    if str(lock_file) in _held or not lock_file.is_file():
+        return
+    with run_lock(run_dir):
+        pass
+
+
 def run_lock(run_dir: Path) -> AbstractContextManager[None]:
     """The lock of a run folder, held by the process that drives the run (the reference
     trainer, or the distributed driver) for the run's whole duration."""

@@ -280,7 +280,11 @@ def verify_checkpoint_dir(directory: Path) -> None:
 
 def check_resume(cfg: Config) -> None:
     """What a trainer would refuse to resume from, refused before any stage runs (a changed
-    graph setting would otherwise rebuild the content edges in the shared dataset folder)."""
+    graph setting would otherwise rebuild the content edges in the shared dataset folder).
+    A run folder another process is training into is named first."""
+    from magnet_dist.locks import check_run_folder_free
+
+    check_run_folder_free(cfg.run_dir)
     if cfg.trainer.mode == "reference":
         path = cfg.run_dir / "checkpoints" / "reference.pt"
         if path.exists():

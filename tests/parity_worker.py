@@ -52,8 +52,8 @@ def main(data_dir: str, part_config: str, ip_config: str) -> None:
         captured = {}
         original = client.input_embeddings
 
-        def capture(blocks):
-            x = original(blocks)
+        def capture(blocks, device=None):
+            x = original(blocks, device=device)
             x.retain_grad()
             captured["x"], captured["blocks"] = x, blocks
             return x

@@ -133,11 +133,11 @@ def quiet_placement_group_cleaner() -> None:
 def ray_cluster(cfg: Config):
     """Connect to ``trainer.ray_address`` / ``RAY_ADDRESS`` if given (``ray job submit`` sets
     it), else start an embedded single-node cluster bound to ``trainer.host`` (loopback)."""
-    import ray
-
     address = cfg.trainer.ray_address or os.environ.get("RAY_ADDRESS")
     if not address:
-        keep_ray_on_loopback()
+        keep_ray_on_loopback()  # before the first ray import: Ray reads the flag then
+    import ray
+
     if ray.is_initialized():
         yield
         return

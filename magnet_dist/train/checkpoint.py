@@ -269,13 +269,17 @@ def verify_checkpoint_dir(directory: Path) -> None:
                 raise _damaged(path, f"{size} bytes, {meta['bytes']} when written")
             if _sha256(path) != meta["sha256"]:
                 raise _damaged(path, f"sha256 differs from the one recorded in {m.name}")
-    missing = sorted(set(range(max(worlds))) - seen) if len(worlds) == 1 else None
-    if missing is None or missing:
-        raise CheckpointDamaged(
-            f"checkpoint {directory} is incomplete: manifests of ranks {sorted(seen)} for "
-            f"world sizes {sorted(worlds)}, missing ranks {missing}; delete {directory} to "
-            "resume from an earlier checkpoint, or start over"
-        )
+    if len(worlds) > 1:
+        problem = f"its manifests are of different runs (world sizes {sorted(worlds)})"
+    else:
+        missing = sorted(set(range(worlds.pop())) - seen)
+        problem = f"no manifest of ranks {missing} (their files were never completed)"
+        if not missing:
+            return
+    raise CheckpointDamaged(
+        f"checkpoint {directory} is incomplete: {problem}; delete {directory} to resume from "
+        "an earlier checkpoint, or start over"
+    )
 
 
 def check_resume(cfg: Config) -> None:

@@ -216,6 +216,8 @@ def test_killed_workers_resume_exactly(uninterrupted, killed_twice):
     for key in ("test.recall@20", "test.ndcg@20", "valid.recall@20", "best_epoch"):
         assert metrics[key] == pytest.approx(plain[key], rel=1e-6, abs=1e-7), key
     assert metrics["switch_step"] == plain["switch_step"]
+    # the routing summary (read from metrics.csv) covers each epoch whole, resumed or not
+    assert metrics["routing"] == plain["routing"] and metrics["routing"]["final"]["epoch"] == 1
     evals = (run / "evaluations.csv").read_text().splitlines()
     assert len(evals) == 1 + 2  # header + one evaluation per epoch, none repeated
 

@@ -348,8 +348,8 @@ class GraphClient:
         device = torch.device(device or "cpu")
         return torch.cat(
             [
-                self.user_emb(blocks.input_users, device=device),
-                self.item_emb(blocks.input_items, device=device),
+                embedding_rows(self.user_emb, blocks.input_users, device),
+                embedding_rows(self.item_emb, blocks.input_items, device),
             ]
         )
 
@@ -524,6 +524,22 @@ def _load_tensors(file: Path, what: str) -> dict:
     if not isinstance(state, dict):
         raise MagnetError(f"{what} {file} is not a magnet_dist checkpoint piece")
     return state
+
+
+def embedding_rows(emb, ids: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``DistEmbedding``'s forward with the rows on ``device`` and the ids recorded on the CPU.
+
+    DGL 2.1's own ``emb(ids, device)`` records the ids on ``device`` too, and its SparseAdam
+    then fails on a GPU: it maps ids to partitions with numpy (``nids.numpy()``), while it
+    exchanges the gradients with ``all_to_all`` on their own device (NCCL: CUDA only). CPU ids
+    with CUDA rows satisfy both."""
+    if device.type == "cpu":
+        return emb(ids)
+    rows = emb._tensor[ids].to(device, non_blocking=True)  # DGL's forward, ids kept on the CPU
+    if torch.is_grad_enabled():
+        rows.requires_grad_(True)
+        emb._trace.append((ids, rows))
+    return rows
 
 
 def part_for_rank(rank: int, world_size: int, num_parts: int) -> int:

@@ -151,3 +151,26 @@ def test_l_aux_gradient_acts_on_the_actual_assignments():
     stats.l_aux().backward()
     step = -logits.grad.sum(0)  # direction of a descent step, per expert
     assert (step[:2] < 0).all() and (step[2:] > 0).all()
+
+
+def test_ranking_scores_are_eval_mode_even_for_a_model_left_in_training_mode():
+    """pair_score_fn (used by every ranking path, including the distributed trainer's in-loop
+    evaluation, which hands over its training-mode model) scores in eval mode: a pair's score in
+    a 40 x 30 block equals its score alone, with capacity_factor 0.25; the mode is restored."""
+    from magnet_dist.eval.scoring import pair_score_fn
+    from magnet_dist.model.magnet import MagnetModel
+
+    cfg = load_config(overrides=["model.dim=8", "moe.capacity_factor=0.25", "moe.dropout=0.5"])
+    torch.manual_seed(0)
+    model = MagnetModel(cfg, {"visual": 4, "text": 4})
+    torch.nn.init.normal_(model.readout.weight)
+    hu = {m: torch.randn(40, 8) for m in model.modalities}
+    hi = {m: torch.randn(30, 8) for m in model.modalities}
+    model.train()
+    block = pair_score_fn(model)(hu, hi)
+    assert model.training
+    for u, i in [(0, 0), (7, 29), (39, 12)]:
+        alone = pair_score_fn(model)(
+            {m: v[u : u + 1] for m, v in hu.items()}, {m: v[i : i + 1] for m, v in hi.items()}
+        )
+        assert alone[0, 0].item() == pytest.approx(block[u, i].item(), rel=1e-5, abs=1e-6)

@@ -186,6 +186,36 @@ def test_stop_ends_servers_nobody_connected_to(tmp_path, graph_data):
     assert not psutil.pid_exists(pid)
 
 
+def test_server_binds_the_asked_address_with_its_threads(tmp_path, graph_data):
+    """``bind_host`` is what the server listens on (0.0.0.0 only when asked; the ip_config the
+    clients read keeps the address they dial), ``omp_threads`` its OpenMP/torch threads."""
+    from magnet_dist.graph.servers import read_ip_config
+    from magnet_dist.train.worker_info import listening_addresses
+
+    data, _ = graph_data
+    part_config = partition(data, 1, tmp_path / "parts")
+    port = free_base_port()
+    with start_servers(
+        part_config,
+        "127.0.0.1",
+        port,
+        log_dir=tmp_path / "logs",
+        timeout_s=60,
+        omp_threads=3,
+        bind_host="0.0.0.0",
+    ) as servers:
+        pid = servers.pids[0]
+        assert listening_addresses(pid) == [f"0.0.0.0:{port}"]
+        assert psutil.Process(pid).environ()["OMP_NUM_THREADS"] == "3"
+        assert [(a.host, a.port) for a in read_ip_config(servers.ip_config)] == [
+            ("127.0.0.1", port)
+        ]
+    with start_servers(
+        part_config, "127.0.0.1", port, log_dir=tmp_path / "logs2", timeout_s=60
+    ) as servers:
+        assert listening_addresses(servers.pids[0]) == [f"127.0.0.1:{port}"]
+
+
 def test_watch_reports_a_dead_server_and_not_a_stopped_one(tmp_path, graph_data):
     """The watcher names a server that dies (its status and log) and stays silent when the
     servers are stopped on purpose."""

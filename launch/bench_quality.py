@@ -1,4 +1,4 @@
-"""Quality benchmark: MAGNET, its ablations and the LightGCN baseline, same budget, same seeds.
+"""Quality benchmark: MAGNET, its ablations, LightGCN and BPR-MF; same budget, same seeds.
 
 Every variant is a config override of the one model (``magnet_dist/config.py``); every run is
 the single-process reference trainer (``trainer.mode=reference``) on the same prepared dataset
@@ -45,10 +45,12 @@ VARIANTS: dict[str, list[str]] = {
     "lightgcn": ["model.variant=lightgcn"],
     # the classic ID-only LightGCN (MMRec's tables): no content channels either
     "lightgcn_id": ["model.variant=lightgcn", "model.content_channels=false"],
+    # BPR matrix factorisation: ID embeddings, no propagation, no content, no MoE
+    "mf": ["model.variant=mf"],
 }
-# MAGNET is compared with each baseline that ran: the all-off model (multimodal dot score)
-# and the classic ID-only LightGCN
-BASELINES = ("lightgcn", "lightgcn_id")
+# MAGNET is compared with each baseline that ran: the all-off model (multimodal dot score),
+# the classic ID-only LightGCN and BPR-MF
+BASELINES = ("lightgcn", "lightgcn_id", "mf")
 METRICS = ["test.recall@20", "test.ndcg@20", "test.recall@10", "test.ndcg@10", "valid.recall@20"]
 # --quick: a tiny budget for a smoke test (a few steps, the stage switch still happens)
 QUICK = [

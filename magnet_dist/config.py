@@ -30,7 +30,9 @@ class _Section(BaseModel):
 
 class DataConfig(_Section):
     path: str = "data/ml-100k"  # prepared dataset folder (manifest.json inside)
-    source: Literal["movielens-100k", "mmrec", "parquet", "synthetic"] = "movielens-100k"
+    source: Literal["movielens-100k", "movielens-1m", "mmrec", "parquet", "synthetic"] = (
+        "movielens-100k"
+    )
     source_path: str | None = None  # input folder for mmrec / parquet sources
     seed: int = 2024  # split / generator seed
     synthetic_users: int = 10_000
@@ -52,7 +54,9 @@ class GraphConfig(_Section):
 
 
 class ModelConfig(_Section):
-    variant: Literal["magnet", "lightgcn"] = "magnet"
+    # "lightgcn": MAGNET with the content view and the MoE off; "mf": BPR matrix
+    # factorisation (ID embeddings only, no propagation, no content, no MoE)
+    variant: Literal["magnet", "lightgcn", "mf"] = "magnet"
     dim: int = Field(64, ge=1)
     layers: int = Field(2, ge=0)
     content_view: bool = True  # augmented view G_a (ablation: False)
@@ -67,10 +71,15 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _lightgcn_is_all_off(self) -> ModelConfig:
-        """The LightGCN baseline is MAGNET with every component off (no content view, no MoE)."""
-        if self.variant == "lightgcn":
+        """The LightGCN baseline is MAGNET with every component off (no content view, no MoE);
+        BPR-MF is that with no propagation (``layers=0``) and no content channels either, so its
+        score is the dot product of the raw ID embeddings. Both override the component keys."""
+        if self.variant in ("lightgcn", "mf"):
             object.__setattr__(self, "content_view", False)
             object.__setattr__(self, "use_moe", False)
+        if self.variant == "mf":
+            object.__setattr__(self, "layers", 0)
+            object.__setattr__(self, "content_channels", False)
         return self
 
     @model_validator(mode="after")
@@ -259,7 +268,10 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fanouts_fit_layers(self) -> Config:
-        """The sampler draws one hop per layer: ``len(train.fanouts)`` must be ``model.layers``."""
+        """The sampler draws one hop per layer: ``len(train.fanouts)`` must be ``model.layers``.
+        ``model.variant=mf`` propagates nothing: its fanouts are ``[]``, whatever was given."""
+        if self.model.variant == "mf":
+            object.__setattr__(self.train, "fanouts", [])
         if len(self.train.fanouts) != self.model.layers:
             raise ValueError(
                 f"train.fanouts={self.train.fanouts} has {len(self.train.fanouts)} value(s) but "

@@ -1,6 +1,7 @@
 """Subprocess for test_distributed_parity: one DGL client over a 1-part partition computes the
 loss and gradients of one batch with fanout -1; the reference trainer computes the same batch on
-the full graph. Prints a JSON of the differences."""
+the full graph. Prints a JSON of the differences. Arguments after the three paths are config
+overrides (e.g. ``model.variant=mf``)."""
 
 import json
 import sys
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 
 
-def main(data_dir: str, part_config: str, ip_config: str) -> None:
+def main(data_dir: str, part_config: str, ip_config: str, *overrides: str) -> None:
     from magnet_dist.config import load_config
     from magnet_dist.data.dataset import load_dataset
     from magnet_dist.graph.content import read_content_edges
@@ -19,7 +20,9 @@ def main(data_dir: str, part_config: str, ip_config: str) -> None:
     from magnet_dist.train.reference import FullGraph, build_model, init_id_embeddings, select
     from magnet_dist.train.worker import sampled_loss
 
-    cfg = load_config(overrides=[f"data.path={data_dir}", "model.dim=16", "train.batch_size=256"])
+    cfg = load_config(
+        overrides=[f"data.path={data_dir}", "model.dim=16", "train.batch_size=256", *overrides]
+    )
     ds = load_dataset(data_dir)
     graph = FullGraph(ds, cfg, read_content_edges(data_dir))
     tu, ti = ds.pairs(0)
@@ -94,12 +97,15 @@ def main(data_dir: str, part_config: str, ip_config: str) -> None:
             "dist_bpr": out.bpr.item(),
             "emb_grad_max_diff": emb_grad_diff,
             "ref_grad_outside_inputs": grad_outside,
-            "dense_grad_max_diff": max(dense.values()),
-            "dense_grad_worst": max(dense, key=dense.get),
+            "dense_grad_max_diff": max(dense.values(), default=0.0),
+            "dense_grad_worst": max(dense, key=dense.get, default=None),
             "num_dense_grads": len(dense),
             "ref_grad_scale": max(
-                p.grad.abs().max().item() for p in ref_model.parameters() if p.grad is not None
+                (p.grad.abs().max().item() for p in ref_model.parameters() if p.grad is not None),
+                default=0.0,
             ),
+            "modalities": list(model.modalities),
+            "hops": len(captured["blocks"].hops),
         }
     finally:
         client.close()
@@ -108,4 +114,4 @@ def main(data_dir: str, part_config: str, ip_config: str) -> None:
 
 if __name__ == "__main__":
     np.seterr(all="ignore")
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

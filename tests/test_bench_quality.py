@@ -86,3 +86,14 @@ def test_quick_benchmark_writes_json_and_table(bench, tiny_dataset, tmp_path, ca
 def test_unknown_variant_is_refused(bench):
     with pytest.raises(SystemExit):
         bench.main(["--variants", "magnet,nope"])
+
+
+def test_every_variant_loads_and_mf_is_plain_matrix_factorisation(bench, tiny_dataset, tmp_path):
+    args = bench.parse_args(["--data", str(tiny_dataset), "--out", str(tmp_path)])
+    cfgs = {v: bench.run_config(args, v, 1) for v in bench.VARIANTS}  # each a valid config
+    assert set(bench.BASELINES) <= set(cfgs)
+    mf = cfgs["mf"]
+    m = mf.model
+    assert (m.layers, m.content_view, m.use_moe, m.content_channels) == (0, False, False, False)
+    assert mf.train.fanouts == []
+    assert cfgs["lightgcn_id"].model.layers == cfgs["magnet"].model.layers == 2

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_one_worker_fanout_all_matches_reference_loss_and_gradients(tiny_dataset, tmp_path):
+def parity(tiny_dataset, tmp_path, *overrides: str) -> dict:
+    """tests/parity_worker.py's differences (one DGL client, fanout -1, vs the reference)."""
     part_config = partition_dataset(tiny_dataset, 1, method="random", out_dir=tmp_path / "p1")
     with start_servers(
         part_config, num_clients=1, log_dir=tmp_path / "srv", base_port=free_base_port()
@@ -35,6 +36,7 @@ def test_one_worker_fanout_all_matches_reference_loss_and_gradients(tiny_dataset
                 str(tiny_dataset),
                 str(part_config),
                 str(servers.ip_config),
+                *overrides,
             ],
             capture_output=True,
             text=True,
@@ -43,13 +45,30 @@ def test_one_worker_fanout_all_matches_reference_loss_and_gradients(tiny_dataset
         )
         line = [x for x in proc.stdout.splitlines() if x.startswith("PARITY ")]
         assert proc.returncode == 0 and line, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r = json.loads(line[0].removeprefix("PARITY "))
+    return json.loads(line[0].removeprefix("PARITY "))
+
+
+def test_one_worker_fanout_all_matches_reference_loss_and_gradients(tiny_dataset, tmp_path):
+    r = parity(tiny_dataset, tmp_path)
     assert r["dist_loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-6)
     assert r["dist_bpr"] == pytest.approx(r["ref_bpr"], rel=1e-5, abs=1e-6)
     assert r["num_dense_grads"] > 10
     assert r["dense_grad_max_diff"] <= 1e-5 * max(1.0, r["ref_grad_scale"]), r
     assert r["emb_grad_max_diff"] <= 1e-6, r
     assert r["ref_grad_outside_inputs"] == 0.0  # sampled inputs cover every node with a gradient
+
+
+def test_mf_variant_in_the_distributed_loss_matches_reference(tiny_dataset, tmp_path):
+    """model.variant=mf through the distributed worker's loss: no hops sampled (fanouts []),
+    the behaviour channel only, no dense parameter with a gradient; the BPR loss and the ID
+    embedding gradients equal the reference's."""
+    r = parity(tiny_dataset, tmp_path, "model.variant=mf")
+    assert r["modalities"] == ["behaviour"] and r["hops"] == 0
+    assert r["num_dense_grads"] == 0
+    assert r["dist_loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-6)
+    assert r["dist_bpr"] == pytest.approx(r["ref_bpr"], rel=1e-5, abs=1e-6)
+    assert r["emb_grad_max_diff"] <= 1e-6, r
+    assert r["ref_grad_outside_inputs"] == 0.0
 
 
 def read_steps(run_dir: Path) -> list[dict]:

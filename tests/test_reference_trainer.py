@@ -183,6 +183,21 @@ def test_ablations_beat_popularity(ablation_dataset, tmp_path, ablation):
     assert m["test.ndcg@20"] > popular["test.ndcg@20"] + 0.01
 
 
+def test_mf_beats_popularity(ablation_dataset, tmp_path):
+    """BPR-MF (ID embeddings only: no propagation, no content) on the ablation data, same budget
+    as the ablations. Measured: test Recall@20 0.2137 vs popularity's 0.2056, NDCG@20 0.1336 vs
+    0.1101 (best epoch 8 of 10; 30 epochs select the same one). With 40 interactions per user
+    over 600 items and no neighbourhood to smooth them, MF only just clears popularity on recall
+    (ID-only LightGCN: 0.2255), so recall is held to "above" and NDCG to the ablations' margin."""
+    data, popular = ablation_dataset
+    m = train_reference(
+        tiny_cfg(data, tmp_path, "train.epochs=10", "train.lr=0.01", "model.variant=mf"),
+        progress=False,
+    )
+    assert m["test.recall@20"] > popular["test.recall@20"]
+    assert m["test.ndcg@20"] > popular["test.ndcg@20"] + 0.01
+
+
 @pytest.fixture(scope="module")
 def ablation_dataset(tmp_path_factory):
     """Synthetic data with more items than the tiny set (popularity alone gets test Recall@20
@@ -213,6 +228,49 @@ def test_id_only_model_ignores_content_and_needs_no_moe(tiny_dataset, tmp_path):
     assert model.modalities == ["behaviour"] and len(model.encoder.projections) == 0
     with pytest.raises(MagnetError, match="content_channels"):
         tiny_cfg(tiny_dataset, tmp_path, "model.content_channels=false")
+
+
+def test_mf_scores_are_the_dot_product_of_the_raw_embeddings(tiny_dataset, tmp_path):
+    """model.variant=mf is BPR-MF: no propagation, no content, no MoE. On its trained (best)
+    checkpoint, every score is <e_u, e_i> of the ID embedding table, and the reported test
+    metrics are those of ranking by that dot product alone."""
+    from magnet_dist.data.dataset import load_dataset
+    from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
+    from magnet_dist.train.checkpoint import load_checkpoint
+    from magnet_dist.train.reference import FullGraph, build_model, init_id_embeddings
+
+    cfg = tiny_cfg(tiny_dataset, tmp_path, "model.variant=mf", "model.layers=2")
+    m = cfg.model  # the variant overrides the component keys, fanouts included
+    assert (m.layers, m.content_view, m.use_moe, m.content_channels) == (0, False, False, False)
+    assert cfg.train.fanouts == []
+    metrics = train_reference(cfg, progress=False)
+    assert not (tmp_path / "experts.json").exists()
+
+    ds = load_dataset(tiny_dataset)
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt", cfg)
+    model = build_model(cfg, ds)
+    model.load_state_dict(best["model"])
+    model.eval()
+    assert model.modalities == ["behaviour"] and model.moe is None
+    assert len(model.encoder.projections) == 0
+    table = best["embeddings"]["weight"]
+    start = init_id_embeddings(ds.num_users + ds.num_items, cfg.model.dim, cfg.train.seed)
+    assert not torch.allclose(table, start.weight)  # it trained
+    users, items = table[: ds.num_users], table[ds.num_users :]
+    with torch.no_grad():
+        reps = FullGraph(ds, cfg).encode(model, table)
+        assert torch.equal(reps["behaviour"], table)  # layer 0 only: nothing propagated
+        u = torch.arange(ds.num_users).repeat_interleave(7)
+        i = torch.randint(0, ds.num_items, (u.numel(),), generator=torch.Generator().manual_seed(0))
+        y, stats = model.score({"behaviour": users[u]}, {"behaviour": items[i]})
+        assert stats is None
+        torch.testing.assert_close(y, (users[u] * items[i]).sum(1))
+        rank = ranking_score_fn(model, {"behaviour": users}, {"behaviour": items})
+        torch.testing.assert_close(rank(torch.arange(5), 0, ds.num_items), users[:5] @ items.T)
+    test = SplitEvaluator(ds, 2, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk)
+    dot = test.sums(lambda uid, a, b: users[uid] @ items[a:b].T).metrics("test")
+    assert metrics["test.recall@20"] == pytest.approx(dot["test.recall@20"], abs=1e-9)
+    assert metrics["test.ndcg@20"] == pytest.approx(dot["test.ndcg@20"], abs=1e-9)
 
 
 def test_cli_train_prints_metrics(tiny_dataset, tmp_path, capsys):

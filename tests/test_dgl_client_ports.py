@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from magnet_dist.graph import _dgl_patches
+from magnet_dist.graph.servers import free_base_port
 
 
 def test_without_settings_dgl_chooses(monkeypatch):
@@ -19,19 +20,13 @@ def test_without_settings_dgl_chooses(monkeypatch):
 
 
 def test_port_comes_from_the_configured_range_and_skips_taken_ones(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        low = s.getsockname()[1]
+    low = free_base_port("127.0.0.1", count=2)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", low))
         taken.listen(1)
         monkeypatch.setenv(_dgl_patches.ENV_CLIENT_PORTS, f"{low}-{low + 1}")
         monkeypatch.setenv(_dgl_patches.ENV_CLIENT_IP, "127.0.0.1")
-        try:
-            addr = _dgl_patches._get_local_usable_addr("127.0.0.1")
-        except RuntimeError:
-            pytest.skip(f"port {low + 1} is taken on this machine right now")
-        assert addr == f"127.0.0.1:{low + 1}"
+        assert _dgl_patches._get_local_usable_addr("127.0.0.1") == f"127.0.0.1:{low + 1}"
         monkeypatch.setenv(_dgl_patches.ENV_CLIENT_PORTS, f"{low}-{low}")
         with pytest.raises(RuntimeError, match="widen trainer.client_ports"):
             _dgl_patches._get_local_usable_addr("127.0.0.1")

@@ -90,3 +90,20 @@ def test_given_split_is_never_stale():
     assert stale_split({"source": "mmrec", "details": {}}) is None
     assert stale_split({"source": "parquet", "details": {"split_given": True}}) is None
     assert stale_split({"source": "parquet", "details": {"split_given": False}}) is not None
+
+
+def test_missing_movielens_1m_declared_with_its_path_is_prepared(tmp_path, monkeypatch):
+    """Like movielens-100k, movielens-1m needs no input of the user's: a missing folder declared
+    beside it is built (recorded here, not run: no network); an undeclared one is not."""
+    import magnet_dist.data.prepare as prepare
+
+    calls = []
+    monkeypatch.setattr(prepare, "prepare_dataset", lambda *a, **kw: calls.append(a))
+    path = tmp_path / "ml-1m"
+    cfg = load_config(overrides=["data.source=movielens-1m", f"data.path={path}"])
+    pipeline.ensure_dataset(cfg, quiet=True)
+    assert calls == [("movielens-1m", path)]
+    monkeypatch.chdir(tmp_path)  # the default data.path (data/ml-100k), the source overridden
+    with pytest.raises(DataError, match="data.source=movielens-1m from an override"):
+        pipeline.ensure_dataset(load_config(overrides=["data.source=movielens-1m"]), quiet=True)
+    assert len(calls) == 1

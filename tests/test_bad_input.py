@@ -17,27 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_support import TINY, train_cli
 
 from magnet_dist.cli import main as cli_main
 from magnet_dist.config import load_config
 from magnet_dist.errors import ConfigError, DataError, MagnetError
 from magnet_dist.train import checkpoint as ckpt
 from magnet_dist.train.reference import train_reference
-
-TINY = [
-    "train.epochs=1",
-    "train.batch_size=512",
-    "model.dim=8",
-    "routing.min_steps=2",
-    "routing.window=2",
-    "routing.max_steps=6",
-    "routing.ramp_steps=2",
-]
-
-
-def train_cli(capsys, data: Path, run: Path, *extra: str) -> tuple[int, str]:
-    rc = cli_main(["train", "--quiet", f"data.path={data}", f"train.run_dir={run}", *TINY, *extra])
-    return rc, capsys.readouterr().err
 
 
 @pytest.fixture

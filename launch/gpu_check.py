@@ -126,7 +126,7 @@ def time_step(graph_parts, device_name: str, batch: int, steps: int) -> dict:
     from magnet_dist.config import load_config
     from magnet_dist.model.magnet import MagnetModel
     from magnet_dist.model.schedule import ScheduleState
-    from magnet_dist.train.worker import sampled_loss
+    from magnet_dist.train.step import sampled_loss
 
     g, users, items, tu, ti = graph_parts
     device = torch.device(device_name)

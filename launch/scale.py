@@ -276,7 +276,7 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
     from magnet_dist.parallel.build import build_moe
     from magnet_dist.parallel.reduce import allreduce_gradients, split_parameters
     from magnet_dist.train.batches import NegativeSampler, batch_rng
-    from magnet_dist.train.worker import sampled_loss
+    from magnet_dist.train.step import sampled_loss
 
     cfg = load_config(p["config"], p["overrides"])
     torch.set_num_threads(1)

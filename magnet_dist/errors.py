@@ -40,6 +40,8 @@ def output_error(err: OSError, path: object) -> OutputError:
 
 
 FAULT_LOG_ENV = "MAGNET_FAULT_LOG"
+# in the run folder: why a worker had to end itself, one file per rank (rank<r>.log)
+FAILURE_DIR = "failures"
 FAULT_ATTEMPT_ENV = "MAGNET_RUN_ATTEMPT"
 
 

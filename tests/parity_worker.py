@@ -18,7 +18,7 @@ def main(data_dir: str, part_config: str, ip_config: str, *overrides: str) -> No
     from magnet_dist.model.schedule import ScheduleState
     from magnet_dist.train.batches import NegativeSampler, batch_rng, epoch_batches
     from magnet_dist.train.reference import FullGraph, build_model, init_id_embeddings, select
-    from magnet_dist.train.worker import sampled_loss
+    from magnet_dist.train.step import sampled_loss
 
     cfg = load_config(
         overrides=[f"data.path={data_dir}", "model.dim=16", "train.batch_size=256", *overrides]

@@ -10,7 +10,7 @@ import time
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from magnet_dist.train.worker import checkpoint_due
+from magnet_dist.train.worker_checkpoint import checkpoint_due
 
 
 def _decide(rank: int, world: int, store: str, out: str) -> None:

@@ -68,10 +68,10 @@ def test_collective_device_follows_the_group_backend(gloo_world, monkeypatch):
 
 
 def test_worker_collective_helpers_run_on_the_group_device(gloo_world, monkeypatch):
-    from magnet_dist.train import worker
+    from magnet_dist.train import step
 
-    assert worker.mean_over_workers([1.0, 3.0]) == [1.0, 3.0]
-    worker.assert_same_schedule(ScheduleState())
+    assert step.mean_over_workers([1.0, 3.0]) == [1.0, 3.0]
+    step.assert_same_schedule(ScheduleState())
     seen = []
     real = device_mod.collective_device
 
@@ -80,6 +80,6 @@ def test_worker_collective_helpers_run_on_the_group_device(gloo_world, monkeypat
         return seen[-1]
 
     monkeypatch.setattr(device_mod, "collective_device", spy)
-    worker.mean_over_workers([2.0])
-    worker.assert_same_schedule(ScheduleState())
+    step.mean_over_workers([2.0])
+    step.assert_same_schedule(ScheduleState())
     assert seen == [torch.device("cpu")] * 2, "helpers must ask the group for their device"

@@ -221,7 +221,7 @@ def test_epoch_plan_global_and_per_worker_batch():
     shards: the step count follows the largest)."""
     import numpy as np
 
-    from magnet_dist.train.worker import plan_batches
+    from magnet_dist.train.step import plan_batches
 
     shards = (1000, 900)
     for per, want_steps in ((False, 8), (True, 4)):  # ceil(1000 / 128), ceil(1000 / 256)

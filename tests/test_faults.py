@@ -1,5 +1,5 @@
 """Fault tolerance of the distributed trainer, end to end (real Ray Train, real DGL servers, real
-gloo; faults injected with the ``MAGNET_FAULT_*`` hooks of ``train/worker.py``, no mocks):
+gloo; faults injected with the ``MAGNET_FAULT_*`` hooks of ``train/faults.py``, no mocks):
 
 - a worker SIGKILLed mid-epoch, and one killed while writing a checkpoint: Ray Train restarts
   the worker group with fresh graph servers on fresh ports, the run resumes from the last

@@ -1,4 +1,4 @@
-"""Where graph servers bind and which workers may share a partition (train/worker.py).
+"""Where graph servers bind and which workers may share a partition (train/cluster.py).
 
 The end-to-end checks (real Ray nodes, a real refused placement) are in test_multinode.py;
 these pin the rules on entries as ``start_partition_server`` all-gathers them:
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from magnet_dist.errors import MagnetError
-from magnet_dist.train.worker import check_colocation, server_bind_host
+from magnet_dist.train.cluster import check_colocation, server_bind_host
 
 
 def entry(rank, part, node, port=None):

@@ -107,7 +107,7 @@ def test_bench_runs_only_its_own_benchmarks(tmp_path, capsys):
 def test_fault_hooks_need_their_explicit_enable(capsys):
     """MAGNET_FAULT_* in a production environment does nothing (and says so); only
     MAGNET_ENABLE_FAULT_HOOKS=1, which only the tests set, turns the hooks on."""
-    from magnet_dist.train.worker import FaultHooks, fault_hooks_from
+    from magnet_dist.train.faults import FaultHooks, fault_hooks_from
 
     env = {"MAGNET_FAULT_KILL_AT_STEP": "3@0", "MAGNET_FAULT_MARKER": "/tmp/m", "PATH": "/bin"}
     assert fault_hooks_from(env) == {}

@@ -280,25 +280,3 @@ def verify_checkpoint_dir(directory: Path) -> None:
         f"checkpoint {directory} is incomplete: {problem}; delete {directory} to resume from "
         "an earlier checkpoint, or start over"
     )
-
-
-def check_resume(cfg: Config) -> None:
-    """What a trainer would refuse to resume from, refused before any stage runs (a changed
-    graph setting would otherwise rebuild the content edges in the shared dataset folder).
-    A run folder another process is training into is named first."""
-    from magnet_dist.locks import check_run_folder_free
-
-    check_run_folder_free(cfg.run_dir)
-    if cfg.trainer.mode == "reference":
-        path = cfg.run_dir / "checkpoints" / "reference.pt"
-        if path.exists():
-            load_checkpoint(path, cfg, resume=True)
-        return
-    from magnet_dist.train.distributed import (
-        check_resume_checkpoint,
-        experiment_dir,
-        with_absolute_paths,
-    )
-
-    cfg = with_absolute_paths(cfg)
-    check_resume_checkpoint(cfg, experiment_dir(cfg))

@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from magnet_dist.config import Config
-from magnet_dist.errors import MagnetError
+from magnet_dist.errors import FAILURE_DIR, MagnetError
 from magnet_dist.locks import run_lock
+from magnet_dist.train.ray_env import RAY_WORKER_ENV, keep_ray_on_loopback
 
 
 def check_layout(cfg: Config) -> int:
@@ -59,28 +60,6 @@ def ensure_partitions(cfg: Config, quiet: bool = False) -> Path:
             f"[distributed] partitions ready: {part_config} ({time.time() - t0:.1f} s; log: {kept})"
         )
     return Path(part_config)
-
-
-def keep_ray_on_loopback() -> None:
-    """Ray otherwise rewrites 127.0.0.1 to the machine's network address, even for an embedded
-    cluster (internal flag, read when ray is imported; re-check on Ray upgrades)."""
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-
-
-# Ray's core worker SIGKILLs its child processes while it ends itself, with its threads still
-# running: when Ray tears a worker group down (another worker failed, or a restart), the
-# graph-server watcher of each healthy worker then saw its server die and recorded a "dead
-# graph server" that was only the teardown (a CI run's failures.log blamed partition 1 after
-# Ray had ended rank 1 because rank 0 died). The workers stop their servers themselves
-# (ServerGroup.stop; each server exits within a second of its parent's death), so a server's
-# death is only ever a real one: Ray's kill is switched off for this job's workers.
-RAY_WORKER_ENV = {"RAY_kill_child_processes_on_worker_exit": "0"}
-
-
-def ray_worker_env_as_seen() -> dict[str, str | None]:
-    """The variables of :data:`RAY_WORKER_ENV` as this process got them (in a worker: the
-    job's runtime_env, merged with that of ``ray job submit``)."""
-    return {k: os.environ.get(k) for k in RAY_WORKER_ENV}
 
 
 def job_env(cfg: Config) -> dict[str, str]:
@@ -245,7 +224,8 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from magnet_dist.data.dataset import load_dataset
-    from magnet_dist.train.worker import FAILURE_DIR, fault_hooks_from, train_loop_per_worker
+    from magnet_dist.train.faults import fault_hooks_from
+    from magnet_dist.train.worker import train_loop_per_worker
 
     cfg = with_absolute_paths(cfg)
     # every input is checked before anything is written or started: a damaged Parquet file
@@ -273,7 +253,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
                 # 0: the workers pick free ports at every (re)start of the worker group
                 "base_port": cfg.trainer.server_port,
                 "progress": progress,
-                # test hooks that inject faults (worker.FaultHooks); empty unless enabled
+                # test hooks that inject faults (faults.FaultHooks); empty unless enabled
                 "faults": fault_hooks_from(os.environ),
                 "attempt": attempt,
             },
@@ -311,7 +291,7 @@ def train_distributed(cfg: Config, progress: bool = True) -> dict[str, Any]:
 
 @contextmanager
 def _remove_dead_segments_after(run_dir: Path):
-    from magnet_dist.train.worker import remove_dead_server_segments
+    from magnet_dist.train.cluster import remove_dead_server_segments
 
     try:
         yield

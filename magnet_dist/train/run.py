@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from magnet_dist.config import dump_config, load_config
+from magnet_dist.config import Config, dump_config, load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,6 @@ def main(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from magnet_dist.train.checkpoint import check_resume
     from magnet_dist.train.common import print_metrics
     from magnet_dist.train.pipeline import ensure_stages
 
@@ -47,3 +46,27 @@ def main(args: argparse.Namespace) -> int:
     print(f"[train] run folder: {cfg.run_dir}")
     print_metrics(metrics)
     return 0
+
+
+def check_resume(cfg: Config) -> None:
+    """What a trainer would refuse to resume from, refused before any stage runs (a changed
+    graph setting would otherwise rebuild the content edges in the shared dataset folder).
+    A run folder another process is training into is named first."""
+    from magnet_dist.locks import check_run_folder_free
+
+    check_run_folder_free(cfg.run_dir)
+    if cfg.trainer.mode == "reference":
+        path = cfg.run_dir / "checkpoints" / "reference.pt"
+        if path.exists():
+            from magnet_dist.train.checkpoint import load_checkpoint
+
+            load_checkpoint(path, cfg, resume=True)
+        return
+    from magnet_dist.train.distributed import (
+        check_resume_checkpoint,
+        experiment_dir,
+        with_absolute_paths,
+    )
+
+    cfg = with_absolute_paths(cfg)
+    check_resume_checkpoint(cfg, experiment_dir(cfg))

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from magnet_dist.train.ray_env import ray_worker_env_as_seen
 from magnet_dist.train.run_folder import write_json_atomic
 
 WORKERS_DIR = "workers"
@@ -24,8 +25,6 @@ def record_worker(run_dir: Path, rank: int, world: int, part: int, servers=None)
     """Write this worker's ``workers/rank<rank>.json``; ``servers`` is the ``ServerGroup`` it
     started, if any. Call inside a Ray worker (after ``ray.train`` set up the context)."""
     import ray
-
-    from magnet_dist.train.distributed import ray_worker_env_as_seen
 
     rc = ray.get_runtime_context()
     graph_servers: list[dict[str, Any]] = []

@@ -1,0 +1,160 @@
+"""One training step of a distributed worker (the twin of ``reference.train_step``), and the
+pieces it is made of: the batch plan, the per-step seed, the sampled loss, the collectives."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from magnet_dist.model.magnet import LossOutput, MagnetModel
+from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
+from magnet_dist.parallel.device import collective_tensor
+from magnet_dist.train.batches import batch_rng
+from magnet_dist.train.reference import select
+from magnet_dist.train.worker_state import Progress, WorkerRun
+
+
+def sampled_loss(
+    model: MagnetModel,
+    client,
+    users: torch.Tensor,
+    pos: torch.Tensor,
+    neg: torch.Tensor,
+    fanouts: list[int],
+    state: ScheduleState,
+    reduce_stats=None,
+    seed: int | None = None,
+    device: torch.device | None = None,
+) -> LossOutput:
+    """The loss of one batch on neighbour-sampled blocks (both views from one sampling pass).
+
+    ``neg`` is ``[B, n_neg]``; ids are the dataset's 0-based ids. ``seed``: the neighbour
+    sample is a pure function of it (see :func:`step_seed`). ``device``: the model's
+    (:func:`~magnet_dist.parallel.device.worker_device`); sampling stays on the CPU, the blocks
+    and the embedding rows move there (the rows' gradients, and so DGL's sparse optimizer
+    step, follow them)."""
+    n = users.numel()
+    items = torch.cat([pos, neg.reshape(-1)])
+    blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale, seed=seed)
+    if device is not None and device.type != "cpu":
+        blocks = blocks.to(device)
+    emb = client.input_embeddings(blocks, device=device)
+    reps = model.encode(blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out)
+    user_out = blocks.user_rows
+    pos_out, neg_out = blocks.item_rows[:n], blocks.item_rows[n:]
+    ego = emb[blocks.output_in_input[torch.cat([user_out, pos_out, neg_out])]]
+    return model.loss(
+        select(reps, user_out),
+        select(reps, pos_out),
+        select(reps, neg_out),
+        ego,
+        state,
+        reduce_stats=reduce_stats,
+    )
+
+
+def plan_batches(
+    num_local: int,
+    max_local: int,
+    batch_size: int,
+    world: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    per_worker_batch: bool = False,
+):
+    """This worker's batches for one epoch: every local edge exactly once, in
+    ``ceil(max_local / per-worker batch)`` steps (the same on every rank: the collectives need
+    it; ``max_local`` = the most local edges of any rank); global batch ~ ``batch_size`` (or
+    ``world * batch_size`` with ``per_worker_batch``)."""
+    per_worker = batch_size if per_worker_batch else max(1, batch_size // world)
+    steps = max(1, -(-max_local // per_worker))
+    order = np.random.default_rng([seed, epoch, rank]).permutation(num_local)
+    return np.array_split(order, steps)
+
+
+def epoch_plan(run: WorkerRun, epoch: int) -> list[np.ndarray]:
+    """:func:`plan_batches` for this worker and epoch, cut to ``train.max_steps_per_epoch``."""
+    cfg = run.cfg
+    plan = plan_batches(
+        len(run.users_local),
+        run.max_local,
+        cfg.train.batch_size,
+        run.ctx.world,
+        cfg.train.seed,
+        epoch,
+        run.ctx.rank,
+        cfg.train.batch_per_worker,
+    )
+    if cfg.train.max_steps_per_epoch:
+        plan = plan[: cfg.train.max_steps_per_epoch]
+    return plan
+
+
+def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """The random state of one training step of one worker (neighbour sampling, torch RNG):
+    a pure function of (seed, epoch, batch, rank), so a run is reproducible and a resumed run
+    draws what the uninterrupted one would have drawn."""
+    return int(np.random.SeedSequence([seed, epoch, batch, rank, 13]).generate_state(1)[0])
+
+
+def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> LossOutput:
+    """Batch ``b`` (local edge indices ``idx``) of ``epoch``: seed, negatives, loss, backward,
+    gradient all-reduce, optimizer steps, routing-schedule advance (checked to agree on every
+    rank). Counts the step, its pairs and its seconds in ``progress``."""
+    from magnet_dist.parallel.reduce import allreduce_gradients, stats_all_reduce
+
+    cfg, world, rank = run.cfg, run.ctx.world, run.ctx.rank
+    t_step = time.perf_counter()
+    u, p = run.users_local[idx], run.items_local[idx]
+    neg = run.sampler.sample(
+        u.numpy(), cfg.train.n_neg, batch_rng(cfg.train.seed, epoch, b * world + rank)
+    )
+    seed = step_seed(cfg.train.seed, epoch, b, rank)
+    torch.manual_seed(seed)
+    run.optim.zero_grad()
+    out = sampled_loss(
+        run.model,
+        run.client,
+        u,
+        p,
+        torch.from_numpy(neg),
+        cfg.train.fanouts,
+        progress.schedule,
+        stats_all_reduce() if run.model.moe is not None else None,
+        seed=seed,
+        device=run.device,
+    )
+    out.loss.backward()
+    allreduce_gradients(run.model)
+    run.optim.step()
+    if out.stats is not None:
+        progress.schedule = advance(
+            progress.schedule, trigger_signal(out.stats, cfg.routing), cfg.routing
+        )
+        assert_same_schedule(progress.schedule)
+    progress.step += 1
+    progress.pairs += len(idx) * world
+    progress.step_seconds += time.perf_counter() - t_step
+    return out
+
+
+def mean_over_workers(values: list[float]) -> list[float]:
+    t = collective_tensor(values)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).cpu().tolist()
+
+
+def assert_same_schedule(state: ScheduleState) -> None:
+    """Every worker must be in the same stage with the same switch step (cheap all-reduce)."""
+    code = collective_tensor(
+        [float(state.stage == "specialisation"), float(state.switch_step or -1)]
+    )
+    lo, hi = code.clone(), code.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        raise RuntimeError(f"workers disagree on the routing stage: min {lo}, max {hi}")

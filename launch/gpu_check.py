@@ -71,7 +71,7 @@ def run_quickstart(out: Path, device: str, epochs: int) -> dict:
 
 
 class LocalClient:
-    """The two calls ``worker.sampled_loss`` makes of a DGL client, over a graph in this
+    """The two calls ``step.sampled_loss`` makes of a DGL client, over a graph in this
     process: the step is the distributed worker's own code."""
 
     def __init__(self, graph, num_users: int, modalities: list[str], dim: int, device) -> None:

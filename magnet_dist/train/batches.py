@@ -2,7 +2,7 @@
 
 Both trainers use ``NegativeSampler`` and ``batch_rng``, but not the same batches: the reference
 trainer shuffles all training pairs with ``epoch_batches`` and seeds negatives by (epoch, batch);
-each distributed worker shuffles its own partition's edges (``worker.plan_batches``) and seeds
+each distributed worker shuffles its own partition's edges (``step.plan_batches``) and seeds
 negatives by (epoch, batch * world + rank). Same distribution, different draws. Negatives are
 uniform over items, resampled (a few rounds) where they hit one of the user's training items, as
 MMRec does.

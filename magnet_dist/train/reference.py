@@ -5,7 +5,7 @@ included, as a dense ``nn.Embedding``). Same model, loss, routing schedule, eval
 selection as the distributed trainer, but not the same optimisation trajectory: that one trains
 on neighbour-sampled blocks, updates the ID embeddings with DGL's SparseAdam (state only for rows
 a batch touched), and batches each worker's own partition edges with negatives seeded per
-(epoch, batch, rank) (``worker.plan_batches``), where this one shuffles all training pairs
+(epoch, batch, rank) (``step.plan_batches``), where this one shuffles all training pairs
 (``train/batches.py``). So the parity test (tests/test_distributed.py) compares the loss and
 gradients of one batch on the same inputs, not whole runs.
 """

@@ -125,3 +125,44 @@ def test_fault_hooks_need_their_explicit_enable(capsys):
     hooks.env.pop("MAGNET_FAULT_MARKER")  # no marker file for this check
     assert hooks._due("KILL_AT_STEP", 3, 0) and not hooks._due("KILL_AT_STEP", 4, 0)
     assert fault_hooks_from({"MAGNET_FAULT_LOG": "/x", "MAGNET_ENABLE_FAULT_HOOKS": "1"}) == {}
+
+
+EMBEDDED_AFTER_IMPORT = """
+import json, psutil
+import ray  # a user's program (or an earlier test module) imported ray before magnet_dist
+from magnet_dist.config import load_config
+from magnet_dist.train.distributed import ray_cluster
+with ray_cluster(load_config(overrides=["train.workers=1"])):
+    me = psutil.Process()
+    pids = [p.pid for p in me.children(recursive=True)] + [me.pid]
+    found = []
+    for pid in pids:
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.Error:
+            continue
+        found += [c.laddr.ip for c in conns if c.status == psutil.CONN_LISTEN]
+print("LISTEN " + json.dumps(found))
+"""
+
+
+@pytest.mark.integration
+def test_embedded_ray_stays_on_loopback_when_ray_was_imported_first(tmp_path):
+    """Ray reads its loopback flag when it is imported: a program that imported ray before
+    magnet_dist got an embedded cluster listening on every interface."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", EMBEDDED_AFTER_IMPORT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("LISTEN "))
+    ips = json.loads(line.removeprefix("LISTEN "))
+    assert ips, "found no Ray listener to check"
+    assert all(_loopback(ip) for ip in ips), ips

@@ -8,8 +8,15 @@ import os
 
 def keep_ray_on_loopback() -> None:
     """Ray otherwise rewrites 127.0.0.1 to the machine's network address, even for an embedded
-    cluster (internal flag, read when ray is imported; re-check on Ray upgrades)."""
+    cluster (internal flag, read when ray is imported; re-check on Ray upgrades). Ray's own
+    processes read the variable; where this process imported ray already (a user's program, a
+    test module before it), the constant Ray read then is set as well."""
+    import sys
+
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0":
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 # Ray's core worker SIGKILLs its child processes while it ends itself, with its threads still

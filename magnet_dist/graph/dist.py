@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from magnet_dist.atomic import atomic_path
 from magnet_dist.errors import MagnetError, record_fault
 from magnet_dist.graph import _dgl_patches
 from magnet_dist.graph.partition import ID_MAP_DIR, META_FILE, UI, read_meta
@@ -410,10 +411,8 @@ class GraphClient:
             with torch.no_grad():
                 state[nt] = emb(ids).clone()
             state[f"{nt}_ids"] = self.to_orig_ids(nt, ids)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # a failed write leaves no .tmp and names the path
+            torch.save(state, tmp)
         return path
 
     def load_embeddings(

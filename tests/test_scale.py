@@ -107,3 +107,139 @@ def test_quick_scale_benchmark_schema(tmp_path):
     md = (out / "results.md").read_text()
     assert "| stage |" in md and "train_w2" in md and "Command:" in md
     assert "| [2, 2] | 128 |" in md  # the sweep table
+
+
+def _fixed_results():
+    def stage(name, wall, rss, pss, procs, throughput, **extra):
+        return {
+            "stage": name,
+            "status": "ok",
+            "wall_s": wall,
+            "peak_rss_gb": rss,
+            "peak_pss_gb": pss,
+            "peak_processes": procs,
+            "throughput": throughput,
+            **extra,
+        }
+
+    def without_pss(record):  # a record written before PSS was sampled
+        del record["peak_pss_gb"]
+        return record
+
+    split = {
+        "total": 0.5,
+        "negative_sampling": 0.01,
+        "sampling": 0.2,
+        "feature_fetch": 0.05,
+        "embedding_fetch": 0.04,
+        "compute": 0.15,
+        "communication": 0.05,
+    }
+    return {
+        "schema_version": 1,
+        "command": "python launch/scale.py --quick",
+        "machine": {"cores": 2, "memory_gb": 24.0, "load_average_at_start": [0.5, 0.4, 0.3]},
+        "size": {"users": 50_000, "items": 10_000, "interactions": 1_000_000},
+        "finished_at": "2026-01-01T00:00:00Z",
+        "stages": [
+            stage("prepare", 100.0, 1.0, 0.9, 1, {"interactions_per_s": 10_000.0}, reused=True),
+            stage("content", 200.0, 2.0, 1.5, 1, {"items_per_s": 100.0}),
+            stage("partition_2", 300.0, 3.0, 2.5, 1, {"edges_per_s": 5000.0}),
+            stage("train_w1", 60.0, 6.0, 5.0, 9, {"pairs_per_s": 6000.0}, workers=1),
+            stage("train_w2", 60.0, 20.0, 17.0, 14, {"pairs_per_s": 11_000.0}, workers=2),
+            stage(
+                "profile",
+                30.0,
+                4.0,
+                3.0,
+                1,
+                {"pairs_per_s": 2048.0},
+                batch_size=1024,
+                fanouts=[10, 10],
+                steps_measured=3,
+                step_split_s=split,
+                step_split_share={k: v / 0.5 for k, v in split.items() if k != "total"},
+                sampled_per_step={"input_nodes": 12_345, "edges": 67_890},
+            ),
+            without_pss(
+                stage(
+                    "sweep_2-2_b128",
+                    20.0,
+                    3.0,
+                    None,
+                    1,
+                    {"pairs_per_s": 1280.0},
+                    batch_size=128,
+                    fanouts=[2, 2],
+                    steps_measured=3,
+                    step_split_s={**split, "total": 0.1},
+                    step_split_share={},
+                    sampled_per_step={"input_nodes": 500, "edges": 900},
+                )
+            ),
+            stage(
+                "evaluate",
+                40.0,
+                5.0,
+                4.0,
+                1,
+                {"two_stage_users_per_s": 50.0},
+                two_stage_users=2000,
+                candidates=200,
+                exact_users=200,
+                metrics={"test.two_stage.recall@20": 0.12345},
+            ),
+        ],
+    }
+
+
+def test_summarise_and_markdown_of_fixed_results():
+    """The targets and tables of a fixed results dict (no processes)."""
+    from magnet_dist.bench.scale_report import markdown, summarise
+
+    results = _fixed_results()
+    summary = summarise(results)
+    assert summary["pairs_per_s"] == {1: 6000.0, 2: 11_000.0}
+    assert summary["targets"] == [
+        {"target": "prepare + content + partition <= 900 s", "value": "600 s", "met": True},
+        {
+            "target": "peak memory <= 16 GB every stage",
+            "value": "17.00 GB PSS sum (RSS sum 20.00 GB)",
+            "met": False,
+        },
+        {
+            "target": ">= 10,000 pairs/s with 2 workers",
+            "value": "11,000 pairs/s (5,500 per core)",
+            "met": True,
+        },
+        {"target": "2 workers >= 1.7x 1 worker", "value": "1.83x", "met": True},
+    ]
+    results["summary"] = summary
+    md = markdown(results)
+    lines = md.splitlines()
+    assert lines[0] == (
+        "Synthetic 50,000 users / 10,000 items / 1,000,000 interactions (visual 128-d, text "
+        "384-d); machine: 2 cores, 24.0 GB RAM, load average at start [0.5, 0.4, 0.3]; "
+        "2026-01-01T00:00:00Z."
+    )
+    assert "Command: `python launch/scale.py --quick`" in lines
+    assert "| prepare (reused) | ok | 100.0 | 1.00 | 0.90 | 1 | 10,000 interactions/s |" in lines
+    assert "| train_w2 | ok | 60.0 | 20.00 | 17.00 | 14 | 11,000 pairs/s |" in lines
+    assert "| sweep_2-2_b128 | ok | 20.0 | 3.00 | n/a | 1 | 1,280 pairs/s |" in lines
+    assert "| 2 workers >= 1.7x 1 worker | 1.83x | True |" in lines
+    assert "| peak memory <= 16 GB every stage | 17.00 GB PSS sum (RSS sum 20.00 GB) | False |" in (
+        lines
+    )
+    assert (
+        "One training step (profile stage: 1 client, 1 partition, batch 1024, mean of 3 steps):"
+        in lines
+    )
+    assert "| sampling | 0.200 | 40% |" in lines and "| total | 0.500 | 100% |" in lines
+    assert "| [10, 10] | 1024 | 12,345 | 67,890 | 0.50 | 0.20 | 0.15 | 0.05 | 2,048 |" in lines
+    assert "| [2, 2] | 128 | 500 | 900 | 0.10 | 0.20 | 0.15 | 0.05 | 1,280 |" in lines
+    assert (
+        "Evaluation (test split; two-stage on 2,000 sampled users with N=200; exact full "
+        "ranking on 200 of them):" in lines
+    )
+    assert "| test.two_stage.recall@20 | 0.1235 |" in lines
+    assert md.endswith("| test.two_stage.recall@20 | 0.1235 |\n")

@@ -1,7 +1,11 @@
-"""``magnet-dist bench NAME [ARGS...]``: run ``launch/bench_NAME.py`` (or ``launch/scale.py``).
+"""``magnet-dist bench NAME [ARGS...]``: run ``launch/bench_NAME.py``, or the scaling benchmark
+(:mod:`magnet_dist.bench.scale`, also ``launch/scale.py``).
 
-Benchmarks live as scripts under ``launch/`` (each prints a table and writes JSON); this
-subcommand only finds and runs them with the same interpreter.
+The benchmarks ``bench_NAME`` live as scripts under ``launch/`` (each prints a table and writes
+JSON); this subcommand only finds and runs them with the same interpreter. The scaling
+benchmark is this package: :mod:`~magnet_dist.bench.scale` (the driver),
+:mod:`~magnet_dist.bench.scale_stages`, :mod:`~magnet_dist.bench.scale_report` and
+:mod:`~magnet_dist.bench.procmon`.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from pathlib import Path
 
 from magnet_dist.errors import MagnetError
 
-LAUNCH = Path(__file__).resolve().parent.parent / "launch"
+ROOT = Path(__file__).resolve().parents[2]
+LAUNCH = ROOT / "launch"
 
 
 def available() -> list[str]:
@@ -40,5 +45,10 @@ def script_for(name: str) -> Path:
 def main(args: argparse.Namespace) -> int:
     script = script_for(args.name)
     sys.argv = [str(script), *args.args]
-    runpy.run_path(str(script), run_name="__main__")
+    if args.name == "scale":
+        from magnet_dist.bench.scale import main as scale_main
+
+        scale_main()  # reads sys.argv: results.json's command names launch/scale.py as before
+    else:
+        runpy.run_path(str(script), run_name="__main__")
     return 0

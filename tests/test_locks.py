@@ -103,38 +103,16 @@ def test_prepare_into_a_locked_dataset_folder_is_refused(tmp_path):
     """`magnet-dist prepare` itself (not only the pipeline's automatic prepare) takes the
     dataset folder's build lock: nothing is written while another build holds it."""
     out = tmp_path / "syn"
+    prepare = ["prepare", "--source", "synthetic", "--users", "50", "--items", "40"]
+    prepare += ["--interactions", "600", "--out", str(out)]
     with held_by_another_process("dataset_lock", out) as holder:
-        done = cli(
-            "prepare",
-            "--source",
-            "synthetic",
-            "--users",
-            "50",
-            "--items",
-            "40",
-            "--interactions",
-            "600",
-            "--out",
-            str(out),
-        )
+        done = cli(*prepare)
         assert done.returncode == 2, done.stderr
         assert f"in use by PID {holder.pid} on " in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
         assert not out.exists()
         assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".syn.")]
-    done = cli(
-        "prepare",
-        "--source",
-        "synthetic",
-        "--users",
-        "50",
-        "--items",
-        "40",
-        "--interactions",
-        "600",
-        "--out",
-        str(out),
-    )
+    done = cli(*prepare)
     assert done.returncode == 0, done.stderr  # the control: free again, it builds
     assert (out / "manifest.json").is_file()
 

@@ -25,8 +25,9 @@ from magnet_dist.data.schema import (
     features_file,
     split_code,
 )
-from magnet_dist.data.writer import combined_checksum, file_sha256
+from magnet_dist.data.writer import combined_checksum
 from magnet_dist.errors import DataError
+from magnet_dist.file_record import file_sha256
 
 _REQUIRED_KEYS = (
     "format_version",

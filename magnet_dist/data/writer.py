@@ -30,14 +30,7 @@ from magnet_dist.data.schema import (
     interactions_schema,
 )
 from magnet_dist.errors import NO_SPACE_ERRNOS, DataError, output_error
-
-
-def file_sha256(path: Path, block: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
+from magnet_dist.file_record import file_sha256
 
 
 def combined_checksum(file_hashes: dict[str, str]) -> str:

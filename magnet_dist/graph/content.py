@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 
 from magnet_dist.atomic import atomic_path, write_text_atomic
 from magnet_dist.config import GraphConfig, load_config
-from magnet_dist.data.writer import file_sha256
 from magnet_dist.errors import ConfigError, DataError
+from magnet_dist.file_record import file_sha256
 from magnet_dist.graph.hnsw import build_index, l2_normalise, query_index
 
 EDGES_FILE = "content_edges.parquet"

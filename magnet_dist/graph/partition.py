@@ -185,39 +185,38 @@ def read_meta(out_dir: str | Path) -> dict[str, Any]:
 def partition_files(out_dir: Path) -> dict[str, dict[str, Any]]:
     """``{relative path: {"size", "sha256"}}`` of every file the partitioner wrote (all but the
     meta file, which lists them and is written last)."""
-    from magnet_dist.data.writer import file_sha256
+    from magnet_dist.file_record import record_files
 
-    files = {}
-    for path in sorted(p for p in Path(out_dir).rglob("*") if p.is_file()):
-        rel = path.relative_to(out_dir).as_posix()
-        if rel in (META_FILE, META_FILE + ".tmp"):
-            continue
-        files[rel] = {"size": path.stat().st_size, "sha256": file_sha256(path)}
-    return files
+    skip = {META_FILE, META_FILE + ".tmp"}
+    paths = sorted(p for p in Path(out_dir).rglob("*") if p.is_file())
+    return record_files(
+        out_dir, [p for p in paths if p.relative_to(out_dir).as_posix() not in skip]
+    )
 
 
 def check_partition_files(out_dir: Path, meta: dict[str, Any]) -> None:
     """Every file the meta file lists is there with its size and sha256, else a MagnetError
     naming the first damaged file (a missing part, a truncated graph or part config)."""
-    from magnet_dist.data.writer import file_sha256
+    from magnet_dist.file_record import mismatch
 
     files = meta.get("files")
     if not isinstance(files, dict) or not files:
         raise MagnetError(f"{out_dir / META_FILE} lists no files; delete {out_dir} to re-partition")
     for rel, want in files.items():
-        path = Path(out_dir) / rel
-        problem = None
-        if not path.is_file():
+        kind = mismatch(out_dir, rel, want)
+        if kind is None:
+            continue
+        if kind == "missing":
             problem = "is missing"
-        elif path.stat().st_size != want.get("size"):
-            problem = f"has {path.stat().st_size} bytes, {want.get('size')} were written"
-        elif file_sha256(path) != want.get("sha256"):
+        elif kind == "size":
+            size = (Path(out_dir) / rel).stat().st_size
+            problem = f"has {size} bytes, {want.get('size')} were written"
+        else:
             problem = "changed since it was written (sha256 mismatch)"
-        if problem:
-            raise MagnetError(
-                f"partition folder {out_dir} is damaged: {rel} {problem}; delete {out_dir} "
-                "to re-partition (`magnet-dist partition` or the next train run rebuilds it)"
-            )
+        raise MagnetError(
+            f"partition folder {out_dir} is damaged: {rel} {problem}; delete {out_dir} "
+            "to re-partition (`magnet-dist partition` or the next train run rebuilds it)"
+        )
 
 
 def partition_arrays(
@@ -431,7 +430,7 @@ def format_report(meta: dict[str, Any]) -> str:
 
 
 def _content_checksum(dataset_dir: Path) -> str | None:
-    from magnet_dist.data.writer import file_sha256
+    from magnet_dist.file_record import file_sha256
     from magnet_dist.graph.content import EDGES_FILE
 
     path = dataset_dir / EDGES_FILE

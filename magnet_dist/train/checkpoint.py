@@ -16,7 +16,6 @@ the sections that shape the weights (:data:`FINGERPRINT_SECTIONS`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -25,8 +24,10 @@ from typing import Any
 
 import torch
 
+from magnet_dist.atomic import write_text_atomic
 from magnet_dist.config import Config
 from magnet_dist.errors import MagnetError, OutputError, output_error
+from magnet_dist.file_record import mismatch, record_files
 
 # Sections whose values must match for a checkpoint's weights to fit the model.
 FINGERPRINT_SECTIONS = ("model", "moe")
@@ -209,11 +210,6 @@ def verify_file(path: Path) -> None:
         raise _damaged(path, bad)
 
 
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def manifest_name(rank: int) -> str:
     return f"manifest-rank{rank:03d}.json"
 
@@ -222,15 +218,10 @@ def write_manifest(directory: Path, files: list[Path], rank: int, world: int) ->
     """Record size and sha256 of the ``files`` this worker wrote into a checkpoint folder;
     written last (atomically), so a worker that died while writing leaves no manifest."""
     directory = Path(directory)
-    entries = {
-        str(Path(f).relative_to(directory)): {"bytes": Path(f).stat().st_size, "sha256": _sha256(f)}
-        for f in files
-    }
+    entries = record_files(directory, files)
     manifest = {"format": MANIFEST_FORMAT, "rank": rank, "world": world, "files": entries}
     path = directory / manifest_name(rank)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(manifest, indent=1, sort_keys=True))
     return path
 
 
@@ -258,16 +249,16 @@ def verify_checkpoint_dir(directory: Path) -> None:
             raise _damaged(m, f"unreadable manifest: {type(err).__name__}: {err}") from None
         for rel, meta in files.items():
             path = directory / rel
-            if not path.is_file():
+            kind = mismatch(directory, rel, meta)
+            if kind == "missing":
                 raise CheckpointDamaged(
                     f"checkpoint {directory} is incomplete: {rel} (listed in {m.name}) is "
                     f"missing; delete {directory} to resume from an earlier checkpoint, or "
                     "start over"
                 )
-            size = path.stat().st_size
-            if size != meta["bytes"]:
-                raise _damaged(path, f"{size} bytes, {meta['bytes']} when written")
-            if _sha256(path) != meta["sha256"]:
+            if kind == "size":
+                raise _damaged(path, f"{path.stat().st_size} bytes, {meta['size']} when written")
+            if kind == "sha256":
                 raise _damaged(path, f"sha256 differs from the one recorded in {m.name}")
     if len(worlds) > 1:
         problem = f"its manifests are of different runs (world sizes {sorted(worlds)})"

@@ -28,18 +28,17 @@ def ensure_dataset(cfg: Config, quiet: bool = False) -> Path:
         check_auto_prepare(cfg, path)
         print(f"[pipeline] dataset {path} missing: preparing it from source {cfg.data.source!r}")
     t0 = time.time()
-    with dataset_lock(path):  # one build at a time per dataset folder
-        prepare_dataset(
-            cfg.data.source,
-            path,
-            path=cfg.data.source_path,
-            seed=cfg.data.seed,
-            users=cfg.data.synthetic_users,
-            items=cfg.data.synthetic_items,
-            interactions=cfg.data.synthetic_interactions,
-            quiet=quiet,
-            force=rebuild,
-        )
+    prepare_dataset(  # takes the dataset folder's build lock itself
+        cfg.data.source,
+        path,
+        path=cfg.data.source_path,
+        seed=cfg.data.seed,
+        users=cfg.data.synthetic_users,
+        items=cfg.data.synthetic_items,
+        interactions=cfg.data.synthetic_interactions,
+        quiet=quiet,
+        force=rebuild,
+    )
     print(f"[pipeline] prepared {path} in {time.time() - t0:.1f} s")
     return path
 

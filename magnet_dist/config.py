@@ -155,6 +155,11 @@ class TrainConfig(_Section):
     fanouts: list[Annotated[int, Field(ge=-1)]] = [10, 10]
     # Scale sampled messages by degree/sampled so they estimate full-graph propagation.
     sample_rescale: bool = True
+    # distributed: sample one hop per step (train.fanouts has one entry); layers 2..L of the
+    # output nodes come from a full-graph table each worker recomputes every
+    # history_refresh_steps steps (0: at the start of every epoch); train/history.py
+    history: bool = False
+    history_refresh_steps: int = Field(0, ge=0)
     max_steps_per_epoch: int | None = None
     run_dir: str | None = None  # default: runs/<run_name>
     run_name: str = "quickstart"  # a folder name under runs/ (no path separators, not '..')
@@ -268,10 +273,17 @@ class Config(_Section):
 
     @model_validator(mode="after")
     def _fanouts_fit_layers(self) -> Config:
-        """The sampler draws one hop per layer: ``len(train.fanouts)`` must be ``model.layers``.
-        ``model.variant=mf`` propagates nothing: its fanouts are ``[]``, whatever was given."""
+        """The sampler draws one hop per layer: ``len(train.fanouts)`` must be ``model.layers``
+        (one with ``train.history``). ``model.variant=mf`` propagates nothing: its fanouts are ``[]``, whatever was given."""
         if self.model.variant == "mf":
             object.__setattr__(self.train, "fanouts", [])
+        if self.train.history and self.model.layers >= 1:
+            if len(self.train.fanouts) != 1:
+                raise ValueError(
+                    f"train.history samples one hop per step, but train.fanouts is "
+                    f"{self.train.fanouts}: give one fanout, e.g. train.fanouts=[10]"
+                )
+            return self
         if len(self.train.fanouts) != self.model.layers:
             raise ValueError(
                 f"train.fanouts={self.train.fanouts} has {len(self.train.fanouts)} value(s) but "

@@ -1,7 +1,7 @@
 """Subprocess for test_distributed_parity: one DGL client over a 1-part partition computes the
 loss and gradients of one batch with fanout -1; the reference trainer computes the same batch on
 the full graph. Prints a JSON of the differences. Arguments after the three paths are config
-overrides (e.g. ``model.variant=mf``)."""
+overrides (e.g. ``model.variant=mf``; ``train.history=true``: one hop + a fresh history table)."""
 
 import json
 import sys
@@ -17,6 +17,7 @@ def main(data_dir: str, part_config: str, ip_config: str, *overrides: str) -> No
     from magnet_dist.graph.dist import connect
     from magnet_dist.model.schedule import ScheduleState
     from magnet_dist.train.batches import NegativeSampler, batch_rng, epoch_batches
+    from magnet_dist.train.history import history_for, refresh_from_client
     from magnet_dist.train.reference import FullGraph, build_model, init_id_embeddings, select
     from magnet_dist.train.step import sampled_loss
 
@@ -62,14 +63,19 @@ def main(data_dir: str, part_config: str, ip_config: str, *overrides: str) -> No
             return x
 
         client.input_embeddings = capture
+        history = None
+        if cfg.train.history:  # one hop with every neighbour + a fresh table of the rest
+            history, full_graph = history_for(cfg, ds)
+            refresh_from_client(history, model, full_graph, client, 0)
         out = sampled_loss(
             model,
             client,
             torch.as_tensor(users),
             torch.as_tensor(pos),
             torch.as_tensor(neg),
-            [-1] * cfg.model.layers,
+            [-1] * (1 if history is not None else cfg.model.layers),
             state,
+            history=history,
         )
         out.loss.backward()
         b = captured["blocks"]

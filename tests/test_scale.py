@@ -42,7 +42,7 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "--partition-method",
         "random",
         "--sweep",
-        "2,2@128",
+        "2,2@128 2@128+train.history=true",
         "--out",
         str(out),
         "train.batch_size=256",
@@ -63,6 +63,7 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "train_w2",
         "profile",
         "sweep_2-2_b128",
+        "sweep_2_b128_train.history=true",
         "evaluate",
     ]
     for s in results["stages"]:
@@ -93,6 +94,11 @@ def test_quick_scale_benchmark_schema(tmp_path):
         < sweep["sampled_per_step"]["input_nodes"]
         < by["profile"]["sampled_per_step"]["input_nodes"]
     )
+    # the history lever: one sampled hop, after one refresh of the table
+    lever = by["sweep_2_b128_train.history=true"]
+    assert lever["levers"] == ["train.history=true"] and lever["fanouts"] == [2]
+    assert lever["setup"]["history_refresh_s"] > 0
+    assert lever["sampled_per_step"]["edges"] < sweep["sampled_per_step"]["edges"]
     m = by["evaluate"]["metrics"]
     for key in (
         "test.two_stage.recall@20",
@@ -106,7 +112,8 @@ def test_quick_scale_benchmark_schema(tmp_path):
     assert "peak memory <= 16 GB every stage" in targets
     md = (out / "results.md").read_text()
     assert "| stage |" in md and "train_w2" in md and "Command:" in md
-    assert "| [2, 2] | 128 |" in md  # the sweep table
+    assert "| [2, 2] | 128 | - |" in md  # the sweep table
+    assert "| [2] | 128 | train.history=true |" in md
 
 
 def _fixed_results():

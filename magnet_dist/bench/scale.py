@@ -85,8 +85,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--sweep",
         default="",
-        help="profile one worker at other fanouts@batch sizes too, e.g. '5,5@2048 10,10@8192': "
-        "pairs/s against sampled input nodes (the cost driver)",
+        help="profile one worker at other fanouts@batch sizes too, each with optional config "
+        "overrides (levers), e.g. '5,5@2048 10,10@8192 10@8192+train.history=true': pairs/s "
+        "against sampled input nodes (the cost driver)",
     )
     p.add_argument("--stage", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stage-params", default=None, help=argparse.SUPPRESS)
@@ -111,16 +112,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def parse_sweep(text: str) -> list[tuple[list[int], int]]:
-    """'5,5@2048 10,10@8192' -> [([5, 5], 2048), ([10, 10], 8192)]."""
+def parse_sweep(text: str) -> list[tuple[list[int], int, list[str]]]:
+    """'5,5@2048 10@8192+train.history=true' -> [([5, 5], 2048, []), ([10], 8192,
+    ['train.history=true'])]: fanouts, batch and the entry's own config overrides (a lever)."""
     out = []
     for item in text.split():
         try:
-            fan, batch = item.split("@")
-            out.append(([int(f) for f in fan.split(",")], int(batch)))
+            head, *levers = item.split("+")
+            fan, batch = head.split("@")
+            if any("=" not in lever for lever in levers):
+                raise ValueError
+            out.append(([int(f) for f in fan.split(",")], int(batch), levers))
         except ValueError:
             raise SystemExit(
-                f"--sweep: expected FANOUTS@BATCH like 5,5@2048, got {item!r}"
+                f"--sweep: expected FANOUTS@BATCH[+key=value...] like 5,5@2048 or "
+                f"10@8192+train.history=true, got {item!r}"
             ) from None
     return out
 
@@ -204,15 +210,15 @@ def plan(args: argparse.Namespace, out: Path, data: Path, base: list[str]) -> li
     }
     if "profile" not in skip:
         stages.append(Stage("profile", profile))
-    for fanouts, batch in args.sweep_list:
-        overrides = [*base, f"train.fanouts={json.dumps(fanouts)}", f"train.batch_size={batch}"]
-        stages.append(
-            Stage(
-                f"sweep_{'-'.join(map(str, fanouts))}_b{batch}",
-                {**profile, "overrides": overrides},
-                "profile",
-            )
-        )
+    for fanouts, batch, levers in args.sweep_list:
+        overrides = [
+            *base,
+            f"train.fanouts={json.dumps(fanouts)}",
+            f"train.batch_size={batch}",
+            *levers,
+        ]
+        name = "_".join([f"sweep_{'-'.join(map(str, fanouts))}_b{batch}", *levers])
+        stages.append(Stage(name, {**profile, "overrides": overrides, "levers": levers}, "profile"))
     if "evaluate" not in skip:
         stages.append(Stage("evaluate", evaluate_params(args, out), skip_note="no trained run"))
     return stages

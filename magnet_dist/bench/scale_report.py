@@ -89,14 +89,16 @@ def markdown(results: dict[str, Any]) -> str:
             "One worker at other fanouts and batch sizes (profile stage each; the step's cost "
             "follows the sampled input nodes):",
             "",
-            "| fanouts | batch | input nodes / step | sampled edges / step | step (s) "
+            "| fanouts | batch | levers | input nodes / step | sampled edges / step | step (s) "
             "| sampling | compute | communication | pairs/s |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for r in sweep:
             sp, n = r["step_split_s"], r["sampled_per_step"]
+            levers = " ".join(r.get("levers", [])) or "-"
             lines.append(
-                f"| {r['fanouts']} | {r['batch_size']} | {n['input_nodes']:,} | {n['edges']:,} "
+                f"| {r['fanouts']} | {r['batch_size']} | {levers} | {n['input_nodes']:,} "
+                f"| {n['edges']:,} "
                 f"| {sp['total']:.2f} | {sp['sampling']:.2f} | {sp['compute']:.2f} "
                 f"| {sp['communication']:.2f} | {r['throughput']['pairs_per_s']:,.0f} |"
             )

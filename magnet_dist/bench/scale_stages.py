@@ -126,6 +126,7 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
     from magnet_dist.parallel.build import build_moe
     from magnet_dist.parallel.reduce import allreduce_gradients, split_parameters
     from magnet_dist.train.batches import NegativeSampler, batch_rng
+    from magnet_dist.train.history import history_for, refresh_from_client
     from magnet_dist.train.step import sampled_loss
 
     cfg = load_config(p["config"], p["overrides"])
@@ -181,7 +182,12 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
         tu, ti = ds.pairs(0)
         sampler = NegativeSampler(tu, ti, ds.num_items)
         users_local, items_local = client.train_edges(0)
+        history, full_graph = history_for(cfg, ds)
         setup["model_and_data_s"] = round(time.perf_counter() - t0, 2)
+        if history is not None:
+            t0 = time.perf_counter()
+            refresh_from_client(history, model, full_graph, client, 0)
+            setup["history_refresh_s"] = round(time.perf_counter() - t0, 2)
         order = np.random.default_rng(0).permutation(len(users_local))
         bs = cfg.train.batch_size
         state = ScheduleState()
@@ -198,7 +204,15 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
                 o.zero_grad(set_to_none=True)
             t = time.perf_counter()
             out = sampled_loss(
-                model, client, u, pos, torch.from_numpy(neg), cfg.train.fanouts, state, None
+                model,
+                client,
+                u,
+                pos,
+                torch.from_numpy(neg),
+                cfg.train.fanouts,
+                state,
+                None,
+                history=history,
             )
             t_fwd = time.perf_counter() - t
             t = time.perf_counter()
@@ -240,6 +254,7 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
         "throughput": {"pairs_per_s": round(bs / step_s, 1)},
         "batch_size": bs,
         "fanouts": list(cfg.train.fanouts),
+        "levers": p.get("levers", []),  # the sweep entry's own overrides
         "sampled_per_step": sampled,  # input nodes and sampled edges (all hops), mean
         "steps_measured": p["steps"],
         "warmup_steps": p["warmup"],

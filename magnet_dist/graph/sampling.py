@@ -58,6 +58,15 @@ class SampledBlocks:
     def num_output(self) -> int:
         return int(self.is_item_out.numel())
 
+    @property
+    def output_users(self) -> torch.Tensor:
+        """Graph ids of the output users (the input list's prefix, see the module docstring)."""
+        return self.input_users[: self.num_output - int(self.is_item_out.sum())]
+
+    @property
+    def output_items(self) -> torch.Tensor:
+        return self.input_items[: int(self.is_item_out.sum())]
+
     def to(self, device: torch.device | str) -> SampledBlocks:
         return SampledBlocks(
             [h.to(device) for h in self.hops],

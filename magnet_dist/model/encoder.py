@@ -95,6 +95,45 @@ class DualViewEncoder(nn.Module):
             total = total[hop.dst_in_src] + h
         return total
 
+    @property
+    def views(self) -> tuple[str, ...]:
+        return ("observed", "augmented") if self.content_view else ("observed",)
+
+    def deep_layers(
+        self,
+        hop: Hop,
+        id_emb: torch.Tensor,
+        feats: dict[str, torch.Tensor],
+        is_item: torch.Tensor,
+        dtype: torch.dtype = torch.float32,
+    ) -> dict[str, torch.Tensor]:
+        """``sum_{k=2..L} h_k`` per view for every node of the full-graph ``hop`` (all
+        channels concatenated, ``[n, M*d]`` in ``dtype``): the layers a history-mode step takes
+        from its table (train/history.py). Empty with fewer than two layers. One channel at a
+        time, so the working memory is a few ``[n, d]`` blocks whatever M is."""
+        if self.layers < 2:
+            return {}
+        behaviour, content = self.layer0(id_emb, feats, is_item)
+        channels = [(behaviour, None)]
+        if content is not None:
+            d = self.dim
+            channels += [
+                (content[:, c * d : (c + 1) * d], is_item) for c in range(len(self.modalities) - 1)
+            ]
+        out = {}
+        for view in self.views:
+            blocks = []
+            for x, mask in channels:
+                h = hop.propagate(x, view, src_mask=mask)
+                deep = torch.zeros_like(h)
+                for _ in range(1, self.layers):
+                    h = hop.propagate(h, view)
+                    deep += h
+                blocks.append(deep.to(dtype))
+            out[view] = torch.cat(blocks, dim=1)
+            hop.release_matrices()  # one view's matrices at a time
+        return out
+
     def forward(
         self,
         hops: list[Hop],
@@ -102,17 +141,25 @@ class DualViewEncoder(nn.Module):
         feats: dict[str, torch.Tensor],
         is_item_in: torch.Tensor,
         is_item_out: torch.Tensor,
+        deep: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Fused representation per modality for the output nodes of ``hops``.
 
         ``id_emb``/``feats``/``is_item_in`` describe the first hop's src nodes; ``is_item_out``
-        the last hop's dst nodes (users and items may both be outputs).
+        the last hop's dst nodes (users and items may both be outputs). ``deep``: the history
+        mode's layers beyond ``hops`` per view (rows = output nodes, from :meth:`deep_layers`),
+        added to the propagated ones; the layer mean then counts ``self.layers`` layers.
         """
         behaviour, content = self.layer0(id_emb, feats, is_item_in)
         observed = self.propagate(behaviour, content, is_item_in, hops, "observed")
         if self.content_view:
             augmented = self.propagate(behaviour, content, is_item_in, hops, "augmented")
         layers = len(hops)
+        if deep is not None:
+            observed = observed + deep["observed"]
+            if self.content_view:
+                augmented = augmented + deep["augmented"]
+            layers = self.layers
         # Mean over layers: 0..L for items and for behaviour, 1..L for users' content channels
         # (their layer 0 is zero by definition).
         denom_all = float(layers + 1)

@@ -62,6 +62,10 @@ class Hop:
         self._matrices[key] = (src_mask, m)
         return m
 
+    def release_matrices(self) -> None:
+        """Drop the cached sparse matrices (a full-graph hop's are GBs at scale)."""
+        self._matrices.clear()
+
     def propagate(
         self, h: torch.Tensor, view: str, src_mask: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -57,8 +57,9 @@ class MagnetModel(nn.Module):
         feats: dict[str, torch.Tensor],
         is_item_in: torch.Tensor,
         is_item_out: torch.Tensor,
+        deep: dict[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
-        return self.encoder(hops, id_emb, feats, is_item_in, is_item_out)
+        return self.encoder(hops, id_emb, feats, is_item_in, is_item_out, deep)
 
     def token(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``

@@ -44,22 +44,43 @@ from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomi
 
 
 class FullGraph:
-    """The whole training graph and every input tensor the encoder needs, built once."""
+    """The whole training graph and every input tensor the encoder needs.
+
+    The hop (the edges and their CSR matrices, most of the memory at scale) is built on first
+    use and kept until :meth:`release_hop`; the history mode (train/history.py) needs it only
+    while it refreshes."""
 
     def __init__(self, ds: Dataset, cfg: Config, content_edges=None) -> None:
-        tu, ti = ds.pairs(0)
         self.num_users, self.num_items = ds.num_users, ds.num_items
-        cs = cd = cw = None
+        self._pairs = ds.pairs(0)
+        self._content = None
         if content_edges is not None and cfg.model.content_view:
-            cs, cd, cw = (torch.from_numpy(np.array(a)) for a in content_edges)
-        self.hop = full_graph_hop(
-            ds.num_users, ds.num_items, torch.as_tensor(tu), torch.as_tensor(ti), cs, cd, cw
-        )
+            self._content = [torch.from_numpy(np.array(a)) for a in content_edges]
+        self._hop: Hop | None = None
         n = ds.num_users + ds.num_items
         self.is_item = torch.arange(n) >= ds.num_users
         # item rows only (users have no content input; the encoder projects item rows only)
         self.feats = {c: torch.from_numpy(np.array(ds.features(c))) for c in ds.modalities}
         self.layers = cfg.model.layers
+
+    @property
+    def hop(self) -> Hop:
+        if self._hop is None:
+            tu, ti = self._pairs
+            cs, cd, cw = self._content if self._content is not None else (None, None, None)
+            self._hop = full_graph_hop(
+                self.num_users,
+                self.num_items,
+                torch.as_tensor(tu),
+                torch.as_tensor(ti),
+                cs,
+                cd,
+                cw,
+            )
+        return self._hop
+
+    def release_hop(self) -> None:
+        self._hop = None
 
     @property
     def hops(self) -> list[Hop]:

@@ -13,6 +13,7 @@ from magnet_dist.model.magnet import LossOutput, MagnetModel
 from magnet_dist.model.schedule import ScheduleState, advance, trigger_signal
 from magnet_dist.parallel.device import collective_tensor
 from magnet_dist.train.batches import batch_rng
+from magnet_dist.train.history import History, refresh_from_client
 from magnet_dist.train.reference import select
 from magnet_dist.train.worker_state import Progress, WorkerRun
 
@@ -28,6 +29,7 @@ def sampled_loss(
     reduce_stats=None,
     seed: int | None = None,
     device: torch.device | None = None,
+    history: History | None = None,
 ) -> LossOutput:
     """The loss of one batch on neighbour-sampled blocks (both views from one sampling pass).
 
@@ -35,14 +37,24 @@ def sampled_loss(
     sample is a pure function of it (see :func:`step_seed`). ``device``: the model's
     (:func:`~magnet_dist.parallel.device.worker_device`); sampling stays on the CPU, the blocks
     and the embedding rows move there (the rows' gradients, and so DGL's sparse optimizer
-    step, follow them)."""
+    step, follow them). ``history``: ``fanouts`` is one hop, and the deeper layers of the
+    output nodes come from this table (train/history.py)."""
     n = users.numel()
     items = torch.cat([pos, neg.reshape(-1)])
     blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale, seed=seed)
+    deep = None
+    if history is not None:
+        deep = history.rows(
+            client.to_orig_ids("user", blocks.output_users),
+            client.to_orig_ids("item", blocks.output_items),
+        )
     if device is not None and device.type != "cpu":
         blocks = blocks.to(device)
+        deep = {v: t.to(device) for v, t in deep.items()} if deep is not None else None
     emb = client.input_embeddings(blocks, device=device)
-    reps = model.encode(blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out)
+    reps = model.encode(
+        blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out, deep
+    )
     user_out = blocks.user_rows
     pos_out, neg_out = blocks.item_rows[:n], blocks.item_rows[n:]
     ego = emb[blocks.output_in_input[torch.cat([user_out, pos_out, neg_out])]]
@@ -108,6 +120,8 @@ def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> L
     from magnet_dist.parallel.reduce import allreduce_gradients, stats_all_reduce
 
     cfg, world, rank = run.cfg, run.ctx.world, run.ctx.rank
+    if run.history is not None and run.history.due(progress.step, b == 0):
+        refresh_history(run, progress.step)
     t_step = time.perf_counter()
     u, p = run.users_local[idx], run.items_local[idx]
     neg = run.sampler.sample(
@@ -127,6 +141,7 @@ def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> L
         stats_all_reduce() if run.model.moe is not None else None,
         seed=seed,
         device=run.device,
+        history=run.history,
     )
     out.loss.backward()
     allreduce_gradients(run.model)
@@ -140,6 +155,15 @@ def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> L
     progress.pairs += len(idx) * world
     progress.step_seconds += time.perf_counter() - t_step
     return out
+
+
+def refresh_history(run: WorkerRun, step: int) -> None:
+    """Recompute the history table (every rank the same): after a barrier, so every rank's
+    sparse embedding updates are in the rows it reads."""
+    dist.barrier()
+    refresh_from_client(run.history, run.model, run.full_graph, run.client, step, run.device)
+    if run.ctx.rank == 0 and run.show_progress:
+        print(f"[history] refreshed before step {step} in {run.history.seconds:.1f} s so far")
 
 
 def mean_over_workers(values: list[float]) -> list[float]:

@@ -97,6 +97,7 @@ def build_worker_run(
     from magnet_dist.data.dataset import load_dataset
     from magnet_dist.parallel.build import build_moe
     from magnet_dist.parallel.reduce import broadcast_parameters, split_parameters
+    from magnet_dist.train.history import history_for
 
     run_dir = Path(config["run_dir"])
     rank, world, client = ctx.rank, ctx.world, cluster.client
@@ -139,6 +140,7 @@ def build_worker_run(
         if cfg.eval.in_loop
         else {}
     )
+    history, full_graph = history_for(cfg, ds)  # train.history, else (None, None)
     log = StepLog(run_dir, enabled=rank == 0)
     if rank == 0:
         write_config(run_dir, cfg)
@@ -167,6 +169,8 @@ def build_worker_run(
         log=log,
         faults=faults,
         show_progress=bool(config.get("progress")) and rank == 0,
+        history=history,
+        full_graph=full_graph,
     )
 
 
@@ -228,6 +232,7 @@ def final_metrics(run: WorkerRun, progress: Progress) -> None:
         "train_seconds": wall,
         # training steps only (sampling, compute, communication); no eval/checkpoints
         "pairs_per_second": progress.pairs / max(progress.step_seconds, 1e-9),
+        **history_metrics(run, progress),
         "stage": state.stage,
         "switch_step": state.switch_step,
         "switch_forced": state.forced,
@@ -242,6 +247,19 @@ def final_metrics(run: WorkerRun, progress: Progress) -> None:
         "ep_size": cfg.moe.ep_size,
     }
     finish_run(run.run_dir, final)
+
+
+def history_metrics(run: WorkerRun, progress: Progress) -> dict[str, Any]:
+    """The history mode's refreshes and their cost, and the throughput with them counted."""
+    h = run.history
+    if h is None:
+        return {}
+    return {
+        "history_refreshes": h.refreshes,
+        "history_refresh_seconds": h.seconds,
+        "pairs_per_second_with_refresh": progress.pairs
+        / max(progress.step_seconds + h.seconds, 1e-9),
+    }
 
 
 def build_dense_moe_for_table(cfg: Config, model: MagnetModel):

@@ -62,6 +62,8 @@ class WorkerRun:
     log: StepLog
     faults: FaultHooks
     show_progress: bool
+    history: Any = None  # train.history: the History table and the FullGraph it is made from
+    full_graph: Any = None
 
 
 @dataclass
@@ -80,7 +82,7 @@ class Progress:
     schedule: ScheduleState = field(default_factory=ScheduleState)
     best_metrics: dict[str, float] = field(default_factory=dict)
     pairs: int = 0
-    step_seconds: float = 0.0
+    step_seconds: float = 0.0  # training steps only (a history refresh is not in it)
     routing: Any = None  # routing of the last completed epoch (rank 0)
     t0: float = 0.0  # time.time() when training started (train_seconds)
     checkpointed_at: float = 0.0  # time.monotonic() of the last checkpoint

@@ -199,3 +199,61 @@ def test_loss_groups_each_users_tokens_so_capacity_drops_do_not_track_the_label(
     assert torch.equal(
         seen[0][1], model.token({m: hu[m][:1] for m in hu}, {m: hneg[m][:1] for m in hneg})[0]
     )
+
+
+def _loop_mixture(moe, tokens, routing):
+    """The straightforward form of the head's mixture: each expert on the tokens routed to it
+    (masked gather), weighted by its combine weight, added back token by token."""
+    out = tokens.new_zeros(tokens.shape[0], moe.dim)
+    for e, expert in enumerate(moe.experts):
+        token_idx, slot = ((routing.experts == e) & routing.kept).nonzero(as_tuple=True)
+        if token_idx.numel():
+            y = expert(tokens[token_idx]) * routing.combine[token_idx, slot].unsqueeze(1)
+            out = out.index_add(0, token_idx, y)
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides, n",
+    [
+        ([], 64),  # the default pool: dominant, balanced, complementary, K = 2
+        (["moe.top_k=3", "moe.experts_per_template=2"], 50),
+        (["moe.top_k=1"], 5),  # fewer tokens than experts: most experts get none
+        (["model.templates=false"], 40),  # free experts see the whole token
+        (["moe.capacity_factor=0.5"], 64),  # training-time capacity drops
+        (["moe.families=[complementary]", "moe.top_k=1"], 30),
+    ],
+)
+def test_grouped_experts_match_per_expert_loop_forward_and_gradients(overrides, n):
+    """The head runs its experts on one expert-sorted gather; outputs and every gradient (the
+    tokens', the router's, each expert's) match the masked per-expert loop."""
+    torch.manual_seed(7)
+    cfg = load_config(overrides=["model.dim=8", *overrides])
+    moe = build_dense_moe(cfg, MODS)
+    for p in moe.parameters():  # biases too, so no expert is a no-op
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(n, 24, requires_grad=True)
+    w = torch.randn(n, 8)
+
+    out, stats = moe(x)
+    (out * w).sum().backward()
+    got = {"x": x.grad, **{k: p.grad for k, p in moe.named_parameters()}}
+    moe.zero_grad(set_to_none=True)
+    x.grad = None
+
+    capacity = capacity_for(n, moe.num_experts, moe.router.top_k, moe.capacity_factor)
+    routing = moe.router(x, capacity)
+    want_out = _loop_mixture(moe, x, routing)
+    (want_out * w).sum().backward()
+    want = {"x": x.grad, **{k: p.grad for k, p in moe.named_parameters()}}
+
+    assert torch.allclose(out, want_out, atol=1e-5, rtol=1e-5)
+    if moe.capacity_factor is not None:
+        assert stats.dropped.item() > 0  # the drop path was exercised
+    if n < moe.num_experts:
+        assert (stats.load == 0).any()  # so was an expert without tokens
+    for k in want:
+        if want[k] is None:  # an expert no token reached: no gradient either way
+            assert got[k] is None, k
+            continue
+        assert torch.allclose(got[k], want[k], atol=1e-5, rtol=1e-4), k

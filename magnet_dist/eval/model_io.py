@@ -22,7 +22,7 @@ from magnet_dist.config import Config, load_config
 from magnet_dist.data.dataset import Dataset, load_dataset
 from magnet_dist.errors import MagnetError
 from magnet_dist.eval.ranking import CSR, csr_from_pairs
-from magnet_dist.eval.scoring import eval_mode
+from magnet_dist.eval.scoring import SCORE_CHUNK_TOKENS, eval_mode
 from magnet_dist.model.magnet import MagnetModel
 
 Reps = dict[str, torch.Tensor]
@@ -183,7 +183,9 @@ def _check_same_dataset(run_dir: Path, ds: Dataset, any_dataset: bool) -> None:
     )
 
 
-def candidate_score_fn(model: MagnetModel, user_reps: Reps, item_reps: Reps, max_tokens=65536):
+def candidate_score_fn(
+    model: MagnetModel, user_reps: Reps, item_reps: Reps, max_tokens=SCORE_CHUNK_TOKENS
+):
     """``fn(user_ids [n], item_ids [n, c]) -> [n, c]``: the full MAGNET score (dot + MoE) of
     each user with each of its candidate items, for ``rank_candidates`` / re-ranking."""
 

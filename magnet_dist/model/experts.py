@@ -105,6 +105,12 @@ class TemplateExpert(nn.Module):
             return x
         z = x.view(x.shape[0], self.num_modalities, self.dim)
         mixed = torch.einsum("nmd,m->nd", z, self.modality_weights)
+        return self.complement(z, mixed)
+
+    def complement(self, z: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The template input from ``z [n, M, d]`` and its template-weighted sum ``mixed``:
+        ``mixed`` itself, or for a complementary expert its gated pair plus ``delta * mixed``."""
+        t = self.template
         if t.family != "complementary":
             return mixed
         a, b = t.pair
@@ -113,6 +119,35 @@ class TemplateExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.template_input(x))
+
+
+def grouped_expert_outputs(
+    experts: list[TemplateExpert], x: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """Every expert on its own rows of ``x [A, M*d]``: rows sorted by expert, expert ``e`` owning
+    the next ``counts[e]`` rows. Returns ``[A, d]`` in the same row order.
+
+    The template mixing of all rows is one elementwise product with the per-row template
+    weights (instead of an einsum per expert); each expert's gate and MLP then run on its
+    contiguous slice (a view, no gather), so the work is exactly the assigned rows.
+    """
+    outs = []
+    free = experts[0].template.family == "free"
+    if free:
+        inputs = x
+    else:
+        z = x.view(x.shape[0], experts[0].num_modalities, experts[0].dim)
+        weights = torch.stack([e.modality_weights for e in experts])  # [E, M]
+        rows = weights.repeat_interleave(torch.tensor(counts, device=x.device), dim=0)
+        inputs = (z * rows.unsqueeze(2)).sum(1)
+    # split, not slicing: one SplitBackward concatenates the slices' gradients, where each
+    # slice's own backward would fill a full-size zero buffer
+    parts = inputs.split(counts)
+    zs = parts if free else z.split(counts)
+    for expert, count, inp, zp in zip(experts, counts, parts, zs, strict=True):
+        if count:
+            outs.append(expert.mlp(inp if free else expert.complement(zp, inp)))
+    return torch.cat(outs) if outs else x.new_zeros(0, experts[0].dim)
 
 
 def build_experts(

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from magnet_dist.model.experts import TemplateExpert
-from magnet_dist.model.router import TopKRouter, capacity_for, routing_stats
+from magnet_dist.model.experts import TemplateExpert, grouped_expert_outputs
+from magnet_dist.model.router import Routing, TopKRouter, capacity_for, routing_stats
 
 
 class TripletMoE(nn.Module):
@@ -39,11 +39,31 @@ class TripletMoE(nn.Module):
         factor = self.capacity_factor if self.training else None
         capacity = capacity_for(tokens.shape[0], self.num_experts, self.router.top_k, factor)
         routing = self.router(tokens, capacity, explore)
-        out = tokens.new_zeros(tokens.shape[0], self.dim)
-        for e, expert in enumerate(self.experts):
-            token_idx, slot = ((routing.experts == e) & routing.kept).nonzero(as_tuple=True)
-            if token_idx.numel() == 0:
-                continue
-            y = expert(tokens[token_idx]) * routing.combine[token_idx, slot].unsqueeze(1)
-            out = out.index_add(0, token_idx, y)
-        return out, routing_stats(routing)
+        return expert_mixture(self.experts, tokens, routing, self.dim), routing_stats(routing)
+
+
+def expert_mixture(
+    experts: nn.ModuleList, tokens: torch.Tensor, routing: Routing, dim: int
+) -> torch.Tensor:
+    """``sum_k combine_k * f_{e_k}(x)`` per token, over the kept assignments.
+
+    One gather and one scatter for all experts: the kept (token, choice) assignments are
+    sorted by expert (stable), their tokens gathered once into a buffer in which every
+    expert's rows are one contiguous slice, each expert runs on its slice (a view), and the
+    weighted outputs go back with one ``index_add``. Unlike a padded ``[E, C, d]`` bmm it
+    computes exactly the assigned rows, whatever the load skew; unlike a masked loop it does
+    not gather, scatter and back-propagate a full ``[N, d]`` buffer per expert.
+    """
+    n, k = routing.experts.shape
+    flat = routing.experts.reshape(-1)
+    kept = routing.kept.reshape(-1)
+    if bool(kept.all()):
+        assign = torch.argsort(flat, stable=True)
+    else:
+        live = kept.nonzero().squeeze(1)
+        assign = live[torch.argsort(flat[live], stable=True)]
+    counts = torch.bincount(flat[assign], minlength=len(experts)).tolist()
+    tok = torch.div(assign, k, rounding_mode="floor")
+    y = grouped_expert_outputs(list(experts), tokens[tok], counts)
+    y = y * routing.combine.reshape(-1)[assign].unsqueeze(1)
+    return tokens.new_zeros(n, dim).index_add(0, tok, y)

@@ -17,6 +17,14 @@ records a digest of the magnet_dist sources, and each row the digest its run was
         --data /tmp/qbench/ml100k --seeds 3 --out runs/bench_quality
     python launch/bench_quality.py --quick --variants magnet,lightgcn --seeds 1
     python launch/bench_quality.py ... train.eval_every=2 train.patience=5  # passthrough
+
+``--grid "train.lr=1e-3,5e-3 model.reg_weight=1e-4,1e-3 model.layers=1,2,3"`` tunes every variant
+the same way (MMRec's protocol): each point of the grid (the product of the listed values) is
+trained on the first seed, the point with the best *validation* Recall@20 is chosen per variant,
+and that point is then trained on every seed; the table reports those runs. Points a variant
+cannot tell apart (``model.layers`` for BPR-MF, which has no propagation; ``moe.*`` for the
+baselines) are trained once. Grid runs live under ``<out>/<variant>/grid/<point>/seed<seed>``;
+results.json and results.md record the grid, every point's validation score and the choice.
 """
 
 from __future__ import annotations
@@ -77,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny budget (smoke test)")
     p.add_argument("--progress", action="store_true", help="per-epoch progress bars")
     p.add_argument(
+        "--grid",
+        default=None,
+        help='tuning grid, e.g. "train.lr=1e-3,5e-3 model.layers=1,2": every point on the first '
+        "seed, the best on validation Recall@20 per variant, then that point on every seed",
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted config overrides for every run"
     )
     args = p.parse_intermixed_args(argv)  # key=value overrides may sit between options
@@ -87,7 +101,56 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     args.variant_list = names
+    try:
+        args.grid_spec = parse_grid(args.grid) if args.grid else None
+    except ValueError as err:
+        p.error(str(err))
     return args
+
+
+def parse_grid(spec: str) -> list[tuple[str, list[str]]]:
+    """``"a.b=1,2 c.d=x"`` -> ``[("a.b", ["1", "2"]), ("c.d", ["x"])]`` (order kept)."""
+    out: list[tuple[str, list[str]]] = []
+    for item in spec.split():
+        key, sep, values = item.partition("=")
+        vals = [v for v in values.split(",") if v]
+        if not sep or "." not in key or not vals:
+            raise ValueError(f"--grid entry {item!r} is not of the form section.key=v1,v2,...")
+        if key in dict(out):
+            raise ValueError(f"--grid names {key} twice")
+        if len(set(vals)) != len(vals):
+            raise ValueError(f"--grid entry {item!r} repeats a value")
+        out.append((key, vals))
+    if not out:
+        raise ValueError("--grid is empty")
+    return out
+
+
+def grid_points(grid: list[tuple[str, list[str]]]) -> list[dict[str, str]]:
+    """Every combination of the grid's values, the first key varying slowest."""
+    from itertools import product
+
+    keys = [k for k, _ in grid]
+    return [dict(zip(keys, combo, strict=True)) for combo in product(*(v for _, v in grid))]
+
+
+def point_name(point: dict[str, str]) -> str:
+    """A folder name for a grid point: ``train.lr=0.001+model.layers=2`` (safe characters)."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9._=+-]", "_", "+".join(f"{k}={v}" for k, v in point.items()))
+
+
+def select_point(scores: list[float]) -> int:
+    """Index of the best validation score; a tie goes to the earlier point (grid order), and a
+    NaN (a run without a validation score) never wins."""
+    best = None
+    for i, v in enumerate(scores):
+        if not math.isnan(v) and (best is None or v > scores[best]):
+            best = i
+    if best is None:
+        raise ValueError("no grid point has a validation score")
+    return best
 
 
 def common_overrides(args: argparse.Namespace) -> list[str]:
@@ -102,18 +165,40 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
     return out + list(args.overrides)
 
 
-def run_config(args, variant: str, seed: int):
+def run_config(args, variant: str, seed: int, point: dict[str, str] | None = None):
+    """The run's config: common overrides, the grid point's, then the variant's (so a grid
+    never changes what a variant is)."""
     from magnet_dist.config import load_config
 
-    run_dir = Path(args.out) / variant / f"seed{seed}"
+    folder = Path(args.out) / variant
+    if point:
+        folder = folder / "grid" / point_name(point)
+    run_dir = folder / f"seed{seed}"
     overrides = [
         *common_overrides(args),
+        *(f"{k}={v}" for k, v in (point or {}).items()),
+        *fanouts_for_layers(args, point),
         *VARIANTS[variant],
         f"train.seed={seed}",
         f"train.run_dir={run_dir}",
         f"train.run_name=bench_quality-{variant}-seed{seed}",
     ]
     return load_config(args.config, overrides)
+
+
+def fanouts_for_layers(args, point: dict[str, str] | None) -> list[str]:
+    """A grid point that sets ``model.layers`` (and not ``train.fanouts``) gets one fanout per
+    layer, the configured first fanout repeated: the config requires the two to agree (the
+    reference trainer propagates over the full graph and never samples)."""
+    if not point or "model.layers" not in point or "train.fanouts" in point:
+        return []
+    from magnet_dist.config import load_config
+
+    base = load_config(args.config, [*common_overrides(args), "train.run_dir=unused"])
+    if base.train.history:  # one sampled hop whatever the depth
+        return []
+    fanout = base.train.fanouts[0] if base.train.fanouts else 10
+    return [f"train.fanouts=[{','.join([str(fanout)] * int(point['model.layers']))}]"]
 
 
 def epochs_run(run_dir: Path) -> int | None:
@@ -173,6 +258,17 @@ def _effective(tree: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+def settings_key(cfg) -> str:
+    """The effective settings of a run without its folder and name: two grid points with the
+    same key train the same model (the variant ignores the keys that differ)."""
+    tree = _effective(cfg.model_dump(mode="json"))
+    train = dict(tree.get("train") or {})
+    train.pop("run_dir", None)
+    train.pop("run_name", None)
+    tree["train"] = train
+    return json.dumps(tree, sort_keys=True)
+
+
 def same_settings(run_dir: Path, cfg) -> bool:
     """True if ``run_dir`` is absent or was written under the same effective settings. The old
     config.yaml is re-read through the current schema, so keys added since (at their defaults)
@@ -204,12 +300,12 @@ def code_digest() -> str:
     return h.hexdigest()[:16]
 
 
-def run_one(args, variant: str, seed: int) -> dict[str, Any]:
+def run_one(args, variant: str, seed: int, point: dict[str, str] | None = None) -> dict[str, Any]:
     from magnet_dist.errors import MagnetError
     from magnet_dist.train.reference import train_reference
     from magnet_dist.train.run_folder import write_json_atomic
 
-    cfg = run_config(args, variant, seed)
+    cfg = run_config(args, variant, seed, point)
     run_dir = cfg.run_dir
     if not same_settings(run_dir, cfg):
         # left by other settings (or older code): neither its metrics nor its checkpoint count
@@ -239,6 +335,7 @@ def run_one(args, variant: str, seed: int) -> dict[str, Any]:
     row = {
         "variant": variant,
         "seed": seed,
+        "point": dict(point or {}),
         "run_dir": str(run_dir),
         **{k: float(metrics[k]) for k in METRICS if k in metrics},
         "best_epoch": int(metrics["best_epoch"]) + 1,  # 1-based, like epochs_run
@@ -256,6 +353,42 @@ def run_one(args, variant: str, seed: int) -> dict[str, Any]:
     if cfg.model.use_moe:
         row.update(routing_summary(run_dir))
     return row
+
+
+def tune_variant(
+    args, variant: str, seed: int, points: list[dict[str, str]], tuned: dict, on_row=None
+) -> dict:
+    """Train every distinct grid point of ``variant`` on ``seed`` and choose on validation
+    Recall@20. Fills ``tuned`` as it goes (``points``: one entry per grid point, a point the
+    variant cannot tell from an earlier one says ``same_as``; then ``chosen``, the index,
+    ``chosen_point`` and ``distinct``, the number of points trained)."""
+    seen: dict[str, int] = {}
+    for i, point in enumerate(points):
+        key = settings_key(run_config(args, variant, seed, point))
+        if key in seen:
+            tuned["points"].append({"point": point, "same_as": seen[key]})
+            continue
+        seen[key] = i
+        print(f"[bench] {variant} grid {i + 1}/{len(points)} {point_name(point)} ...", flush=True)
+        row = run_one(args, variant, seed, point)
+        entry = {"point": point, "run_dir": row["run_dir"]}
+        for k in [
+            "valid.recall@20",
+            "test.recall@20",
+            "test.ndcg@20",
+            "best_epoch",
+            "epochs_run",
+            "wall_seconds",
+        ]:
+            entry[k] = row.get(k)
+        tuned["points"].append(entry)
+        if on_row is not None:
+            on_row(row, i)
+    scores = [float(e.get("valid.recall@20", math.nan)) for e in tuned["points"]]
+    tuned["chosen"] = select_point(scores)
+    tuned["chosen_point"] = points[tuned["chosen"]]
+    tuned["distinct"] = len(seen)
+    return tuned
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -366,6 +499,13 @@ def markdown(result: dict[str, Any]) -> str:
                     "than the spread"
                 )
             )
+    best = best_baseline(summary)
+    if best is not None:
+        lines.append(
+            f"- best baseline by mean test Recall@20: {best[0]}; MAGNET / {best[0]} = "
+            f"{best[1]:.3f} on Recall@20, {best[2]:.3f} on NDCG@20 (goal >= 1.03)"
+        )
+    lines += grid_markdown(result.get("grid"))
     diag = [
         r
         for r in rows
@@ -389,6 +529,46 @@ def markdown(result: dict[str, Any]) -> str:
             )
             lines.append(f"| {r['variant']} s{r['seed']} | {sw_s} | {lam_s} | {ent} |")
     return "\n".join(lines) + "\n"
+
+
+def best_baseline(summary: dict[str, Any]) -> tuple[str, float, float] | None:
+    """(the baseline with the best mean test Recall@20, MAGNET's R@20 ratio, N@20 ratio)."""
+    ran = [b for b in BASELINES if b in summary]
+    if "magnet" not in summary or not ran:
+        return None
+    b = max(ran, key=lambda v: summary[v]["test.recall@20"]["mean"])
+    ratio = [
+        summary["magnet"][k]["mean"] / summary[b][k]["mean"]
+        for k in ["test.recall@20", "test.ndcg@20"]
+    ]
+    return b, ratio[0], ratio[1]
+
+
+def grid_markdown(grid: dict[str, Any] | None) -> list[str]:
+    """The tuning grid: every point's validation Recall@20 (first seed) and the choice."""
+    if not grid:
+        return []
+    spec = " ".join(f"{k}={','.join(v)}" for k, v in grid["spec"])
+    lines = [
+        "",
+        f"Grid `{spec}` (first seed; chosen on valid Recall@20):",
+        "",
+        "| variant | point | valid R@20 | test R@20 | epochs (best / run) |",
+        "|---|---|---|---|---|",
+    ]
+    for variant, tuned in grid["variants"].items():
+        for i, e in enumerate(tuned["points"]):
+            name = " ".join(f"{k.split('.')[-1]}={v}" for k, v in e["point"].items())
+            if i == tuned.get("chosen"):
+                name = f"**{name}** (chosen)"
+            if "same_as" in e:
+                lines.append(f"| {variant} | {name} | same run as point {e['same_as'] + 1} | | |")
+                continue
+            lines.append(
+                f"| {variant} | {name} | {e['valid.recall@20']:.4f} | "
+                f"{e['test.recall@20']:.4f} | {e['best_epoch']} / {e['epochs_run']} |"
+            )
+    return lines
 
 
 def write_results(out: Path, result: dict[str, Any]) -> None:
@@ -445,26 +625,47 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "finished": False,
     }
     t_start = time.time()
-    plan = [(v, s) for s in seeds for v in args.variant_list]  # seed-major: early full picture
-    for n, (variant, seed) in enumerate(plan, 1):
-        print(f"[bench] {n}/{len(plan)} {variant} seed={seed} ...", flush=True)
-        row = run_one(args, variant, seed)
-        result["rows"].append(row)
-        result["summary"] = summarise(result["rows"], args.variant_list)
-        result["comparisons"] = comparisons(result["rows"], result["summary"])
+
+    def announce(row: dict[str, Any], what: str) -> None:
         result["elapsed_seconds"] = time.time() - t_start
         write_results(out, result)
         wall = "reused" if row["reused"] else f"{row['wall_seconds']:.0f} s"
         if row["reused"] and row["code"] not in (None, args.code):
             wall += ", older code"
         print(
-            f"[bench] {n}/{len(plan)} {variant} seed={seed} done ({wall}): "
+            f"[bench] {what} done ({wall}): "
             f"test R@20 {row['test.recall@20']:.4f} N@20 {row['test.ndcg@20']:.4f} "
             f"valid R@20 {row['valid.recall@20']:.4f} best epoch {row['best_epoch']}/"
             f"{row['epochs_run']} switch {row['switch_step']} "
             f"[elapsed {result['elapsed_seconds'] / 60:.1f} min]",
             flush=True,
         )
+
+    def record(row: dict[str, Any], what: str) -> None:
+        result["rows"].append(row)
+        result["summary"] = summarise(result["rows"], args.variant_list)
+        result["comparisons"] = comparisons(result["rows"], result["summary"])
+        announce(row, what)
+
+    if args.grid_spec is None:
+        plan = [(v, s) for s in seeds for v in args.variant_list]  # seed-major: early picture
+        for n, (variant, seed) in enumerate(plan, 1):
+            print(f"[bench] {n}/{len(plan)} {variant} seed={seed} ...", flush=True)
+            record(run_one(args, variant, seed), f"{n}/{len(plan)} {variant} seed={seed}")
+    else:
+        points = grid_points(args.grid_spec)
+        result["grid"] = {"spec": [[k, v] for k, v in args.grid_spec], "variants": {}}
+        for variant in args.variant_list:  # variant-major: a finished variant is complete
+            tuned = result["grid"]["variants"][variant] = {"points": []}
+
+            def on_row(row: dict[str, Any], i: int, variant: str = variant) -> None:
+                announce(row, f"{variant} grid {i + 1}/{len(points)} {point_name(points[i])}")
+
+            tune_variant(args, variant, seeds[0], points, tuned, on_row)
+            chosen = tuned["chosen_point"]
+            for seed in seeds:
+                print(f"[bench] {variant} seed={seed} at {point_name(chosen)} ...", flush=True)
+                record(run_one(args, variant, seed, chosen), f"{variant} seed={seed}")
     result["finished"] = True
     result["elapsed_seconds"] = time.time() - t_start
     write_results(out, result)

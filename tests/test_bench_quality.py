@@ -97,3 +97,93 @@ def test_every_variant_loads_and_mf_is_plain_matrix_factorisation(bench, tiny_da
     assert (m.layers, m.content_view, m.use_moe, m.content_channels) == (0, False, False, False)
     assert mf.train.fanouts == []
     assert cfgs["lightgcn_id"].model.layers == cfgs["magnet"].model.layers == 2
+
+
+def test_grid_spec_parsing_and_points(bench):
+    grid = bench.parse_grid("train.lr=1e-3,5e-3 model.layers=1,2,3")
+    assert grid == [("train.lr", ["1e-3", "5e-3"]), ("model.layers", ["1", "2", "3"])]
+    points = bench.grid_points(grid)
+    assert len(points) == 6
+    assert points[0] == {"train.lr": "1e-3", "model.layers": "1"}
+    assert points[3] == {"train.lr": "5e-3", "model.layers": "1"}  # first key varies slowest
+    assert bench.point_name(points[0]) == "train.lr=1e-3+model.layers=1"
+    for bad in ["lr=1", "train.lr=", "train.lr=1 train.lr=2", "train.lr=1,1", "  "]:
+        with pytest.raises(ValueError):
+            bench.parse_grid(bad)
+    with pytest.raises(SystemExit):  # the command line refuses it too
+        bench.parse_args(["--grid", "train.lr"])
+
+
+def test_select_point_is_the_best_validation_score_first_on_ties(bench):
+    nan = float("nan")
+    assert bench.select_point([0.30, 0.32, 0.31]) == 1
+    assert bench.select_point([0.32, 0.30, 0.32]) == 0
+    assert bench.select_point([nan, 0.1, nan]) == 1
+    with pytest.raises(ValueError):
+        bench.select_point([nan, nan])
+
+
+def test_grid_tunes_each_variant_on_validation_then_runs_the_choice_on_every_seed(
+    bench, tiny_dataset, tmp_path, monkeypatch
+):
+    """The grid flow with a stand-in trainer (no training): every distinct point on the first
+    seed, the choice by validation (which here disagrees with test), then all seeds."""
+    calls = []
+
+    def fake_run_one(args, variant, seed, point=None):
+        calls.append((variant, seed, dict(point or {})))
+        lr, reg = float(point["train.lr"]), float(point["model.reg_weight"])
+        layers = bench.run_config(args, variant, seed, point).model.layers
+        # validation prefers lr 5e-3 and reg 1e-4 (and 1 layer); test prefers the opposite
+        valid = 0.30 + (lr == 5e-3) * 0.02 + (reg == 1e-4) * 0.01 - layers * 0.001
+        test = 0.40 - valid + seed * 1e-4
+        return {
+            "variant": variant,
+            "seed": seed,
+            "point": dict(point),
+            "run_dir": str(tmp_path / variant / bench.point_name(point) / str(seed)),
+            "valid.recall@20": valid,
+            "test.recall@20": test,
+            "test.ndcg@20": test / 2,
+            "test.recall@10": test / 3,
+            "test.ndcg@10": test / 4,
+            "best_epoch": 3,
+            "epochs_run": 5,
+            "train_seconds": 1.0,
+            "wall_seconds": 1.0,
+            "reused": False,
+            "code": "x",
+            "switch_step": None,
+        }
+
+    monkeypatch.setattr(bench, "run_one", fake_run_one)
+    out = tmp_path / "grid"
+    grid = "train.lr=1e-3,5e-3 model.reg_weight=1e-3,1e-4 model.layers=1,2"
+    result = bench.main(
+        ["--data", str(tiny_dataset), "--variants", "mf,lightgcn", "--seeds", "3"]
+        + ["--seed-base", "10", "--out", str(out), "--grid", grid]
+    )
+    best = {"train.lr": "5e-3", "model.reg_weight": "1e-4", "model.layers": "1"}
+    mf_grid = [c for c in calls if c[0] == "mf" and c[1] == 10 and c[2] != best]
+    lgcn_grid = [c for c in calls if c[0] == "lightgcn" and c[1] == 10 and c[2] != best]
+    # BPR-MF has no layers: 4 distinct points of 8 (the layers=2 copies are not trained)
+    assert len(mf_grid) + 1 == 4 and len(lgcn_grid) + 1 == 8
+    assert all(c[2]["model.layers"] == "1" for c in mf_grid)
+    assert result["grid"]["variants"]["mf"]["distinct"] == 4
+    mf_points = result["grid"]["variants"]["mf"]["points"]
+    assert mf_points[1]["same_as"] == 0 and "valid.recall@20" not in mf_points[1]
+    for variant in ["mf", "lightgcn"]:
+        tuned = result["grid"]["variants"][variant]
+        assert tuned["chosen_point"] == best  # by validation, not by test
+        finals = [c for c in calls if c[0] == variant and c[2] == best]
+        assert [c[1] for c in finals] == [10, 10, 11, 12]  # tuned on seed 10, then every seed
+        assert [r["seed"] for r in result["rows"] if r["variant"] == variant] == [10, 11, 12]
+        assert all(r["point"] == best for r in result["rows"] if r["variant"] == variant)
+    assert [c[1] for c in calls if c[2] != best] == [10] * 10  # grid points: first seed only
+
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["grid"]["spec"][0] == ["train.lr", ["1e-3", "5e-3"]]
+    assert on_disk["summary"]["mf"]["seeds"] == [10, 11, 12]
+    table = (out / "results.md").read_text()
+    assert "| mf | **lr=5e-3 reg_weight=1e-4 layers=1** (chosen) |" in table
+    assert "same run as point 1" in table

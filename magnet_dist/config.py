@@ -227,6 +227,10 @@ class EvalConfig(_Section):
     # with full neighbourhoods). False: no in-loop ranking; the last epoch's model is exported as
     # checkpoints/best.pt for `magnet-dist evaluate` (large graphs, e.g. the 1M scale run).
     in_loop: bool = True
+    # without in_loop: also export every epoch's model as checkpoints/epoch-<k>.pt (best.pt's
+    # format) with its training seconds in snapshots.csv, for evaluation afterwards (e.g. the
+    # time-to-quality benchmark, launch/bench_time_to_quality.py)
+    snapshot_every_epoch: bool = False
 
     @field_validator("ks")
     @classmethod

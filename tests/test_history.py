@@ -173,3 +173,43 @@ def test_history_config_samples_one_hop():
     assert cfg.train.history and cfg.train.fanouts == [10] and cfg.model.layers == 2
     with pytest.raises(ValueError, match=r"train.history samples one hop.*train.fanouts=\[10\]"):
         Config.model_validate({"train": {"history": True, "fanouts": [10, 10]}})
+
+
+SHARE_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from magnet_dist.train.history import History
+from magnet_dist.model.encoder import DualViewEncoder
+rank, init, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+enc = DualViewEncoder({"t": 6}, dim=4, layers=2)
+h = History(5, 3, refresh_steps=0)
+if rank == 0:
+    g = torch.Generator().manual_seed(0)
+    h.table = {v: torch.randn(8, 8, generator=g).half() for v in ("observed", "augmented")}
+    h.refreshed_at, h.refreshes = 7, 1
+h.share(7, enc, source=0)
+torch.save({"table": h.table, "at": h.refreshed_at, "n": h.refreshes}, out)
+dist.destroy_process_group()
+"""
+
+
+def test_share_gives_every_rank_rank0s_table(tmp_path):
+    import subprocess
+    import sys
+
+    init = f"file://{tmp_path / 'init'}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARE_SCRIPT, str(r), init, str(tmp_path / f"r{r}.pt")]
+        )
+        for r in (0, 1)
+    ]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
+    assert set(r1["table"]) == {"observed", "augmented"}
+    for v in r0["table"]:
+        assert r1["table"][v].dtype == torch.float16
+        torch.testing.assert_close(r1["table"][v], r0["table"][v], rtol=0, atol=0)
+    assert r0["table"]["observed"].abs().sum() > 0
+    assert (r1["at"], r1["n"]) == (r0["at"], r0["n"]) == (7, 1)

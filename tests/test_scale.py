@@ -250,3 +250,32 @@ def test_summarise_and_markdown_of_fixed_results():
     )
     assert "| test.two_stage.recall@20 | 0.1235 |" in lines
     assert md.endswith("| test.two_stage.recall@20 | 0.1235 |\n")
+
+
+def test_time_to_quality_paths_and_summary():
+    from magnet_dist.bench.time_to_quality import METRIC, parse_path, summarise
+
+    p = parse_path("history:100:train.history=true train.fanouts=[10]")
+    assert p == {
+        "name": "history",
+        "steps": 100,
+        "overrides": ["train.history=true", "train.fanouts=[10]"],
+    }
+    assert parse_path("today:40:")["overrides"] == []
+    for bad in ("today", "today:0:", ":3:", "today:x:"):
+        with pytest.raises(SystemExit, match="NAME:STEPS:OVERRIDES"):
+            parse_path(bad)
+    rows = [
+        {"path": "today", "train_seconds": 100.0, METRIC: 0.010},
+        {"path": "today", "train_seconds": 200.0, METRIC: 0.020},
+        {"path": "new", "train_seconds": 50.0, METRIC: 0.015},
+        {"path": "new", "train_seconds": 90.0, METRIC: 0.021},
+        {"path": "slow", "train_seconds": 90.0, METRIC: 0.019},
+    ]
+    s = summarise(rows, ["today", "new", "slow"])
+    # today's final metric (0.020), first reached by "new" at 90 s, never by "slow"
+    assert s == {
+        "target_path": "today",
+        "target": 0.020,
+        "reached": {"today": 200.0, "new": 90.0, "slow": None},
+    }

@@ -347,6 +347,44 @@ def stage_evaluate(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def stage_snapshot_eval(p: dict[str, Any]) -> dict[str, Any]:
+    """One exported model (``checkpoint`` of ``run_dir``) on the validation split: two-stage
+    ranking (retrieval by dot score, MoE re-rank) of ``users`` sampled validation users."""
+    from magnet_dist.eval.model_io import candidate_score_fn, load_run, retrieve_for
+    from magnet_dist.eval.ranking import rank_candidates
+    from magnet_dist.eval.run import sample_users
+    from magnet_dist.eval.scoring import SplitEvaluator
+
+    t = time.perf_counter()
+    loaded = load_run(p["run_dir"], quiet=True, checkpoint=p["checkpoint"])
+    cfg, ds = loaded.cfg, loaded.dataset
+    ev = SplitEvaluator(ds, 1, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk)
+    users = sample_users(ev.users, p["users"], p["seed"])
+    n = min(p["candidates"], ds.num_items)
+    user_vecs, item_vecs = loaded.retrieval_vectors()
+    cand = retrieve_for(loaded, users, n, ev.train_mask, False, user_vecs, item_vecs)
+    pair_fn = candidate_score_fn(loaded.model, loaded.user_reps, loaded.item_reps)
+    sums = rank_candidates(
+        pair_fn,
+        users,
+        cand,
+        ev.ground_truth,
+        ev.train_mask,
+        cfg.eval.ks,
+        cfg.eval.user_chunk,
+        False,
+    )
+    wall = time.perf_counter() - t
+    return {
+        "throughput": {"users_per_s": round(len(users) / wall, 1)},
+        "users": int(len(users)),
+        "candidates": n,
+        "metrics": {
+            k: round(float(v), 5) for k, v in sums.metrics("valid.two_stage_sample").items()
+        },
+    }
+
+
 STAGE_FUNCS = {
     "prepare": stage_prepare,
     "content": stage_content,
@@ -354,4 +392,5 @@ STAGE_FUNCS = {
     "train": stage_train,
     "profile": stage_profile,
     "evaluate": stage_evaluate,
+    "snapshot_eval": stage_snapshot_eval,
 }

@@ -82,11 +82,14 @@ def load_run(
     data: str | Path | None = None,
     quiet: bool = False,
     any_dataset: bool = False,
+    checkpoint: str | Path = BEST_CHECKPOINT,
 ) -> LoadedRun:
     """Load a run folder's best model and compute full-graph representations once.
 
     ``data`` replaces the run's ``data.path`` (e.g. the dataset was moved); it must be the
     dataset the run was trained on (checksum of the run's dataset.json) unless ``any_dataset``.
+    ``checkpoint``: another file of best.pt's format, relative to the run folder (e.g.
+    ``checkpoints/epoch-3.pt`` of ``eval.snapshot_every_epoch``).
     """
     from magnet_dist.train.checkpoint import load_checkpoint
     from magnet_dist.train.reference import FullGraph, build_model
@@ -102,7 +105,7 @@ def load_run(
             f"{cfg_path} is missing: {run_dir} is not a `magnet-dist train` run folder"
         )
     cfg = load_config(cfg_path)
-    ckpt_path = run_dir / BEST_CHECKPOINT
+    ckpt_path = run_dir / checkpoint
     if not ckpt_path.is_file():
         raise MagnetError(
             f"{ckpt_path} is missing: the run has no evaluated model yet "

@@ -10,11 +10,10 @@ the whole training graph with the current parameters and refreshed every
 with one propagated layer plus history). The deeper layers get no gradient: they are constants
 between refreshes.
 
-Every worker computes the whole table itself (the same numbers on every rank: the dense
-parameters are all-reduced and the ID embeddings are read after a barrier), one content channel
-at a time, and keeps it in float16: no per-step network traffic at all, at the price of holding
-the training graph once per worker during a refresh and the table (``2 views x nodes x M*d``
-halves) between refreshes. With a fresh table and fanout -1 the history mode's forward equals the
+Rank 0 computes the whole table over the training graph (after a barrier, so every rank's
+embedding updates are in), one content channel at a time, in float16, and broadcasts it; every
+worker keeps its copy: no per-step network traffic at all, at the price of the training graph
+on rank 0 during a refresh and the table (``2 views x nodes x M*d`` halves) on every worker. With a fresh table and fanout -1 the history mode's forward equals the
 exact mode's (tests/test_history.py).
 """
 
@@ -72,6 +71,28 @@ class History:
         self.refreshes += 1
         self.seconds += time.perf_counter() - t
 
+    def share(self, step: int, encoder, source: int = 0) -> None:
+        """Broadcast rank ``source``'s freshly refreshed table to every rank (collective; the
+        others hold no training graph and compute nothing). Counts the wait as refresh time."""
+        import torch.distributed as dist
+
+        from magnet_dist.parallel.device import collective_device
+
+        t = time.perf_counter()
+        rank = dist.get_rank()
+        views = encoder.views if encoder.layers >= 2 else ()
+        shape = (self.num_users + self.num_items, len(encoder.modalities) * encoder.dim)
+        device = collective_device()
+        for view in views:
+            x = self.table[view] if rank == source else torch.empty(shape, dtype=torch.float16)
+            x = x.to(device)
+            dist.broadcast(x, source)
+            self.table[view] = x.cpu()
+        if rank != source:
+            self.refreshed_at = step
+            self.refreshes += 1
+        self.seconds += time.perf_counter() - t
+
     def rows(self, users: torch.Tensor, items: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """The deeper layers of output nodes ``users`` then ``items`` (dataset ids), float32;
         None when the model has one layer (nothing deeper)."""
@@ -83,11 +104,14 @@ class History:
         return {v: t[idx].float() for v, t in self.table.items()}
 
 
-def history_for(cfg, ds):
+def history_for(cfg, ds, computes: bool = True):
     """``train.history``: an empty :class:`History` and the full training graph it is
-    refreshed from (:class:`~magnet_dist.train.reference.FullGraph`); else ``(None, None)``."""
+    refreshed from (:class:`~magnet_dist.train.reference.FullGraph`; None unless ``computes``,
+    for ranks that receive the table); else ``(None, None)``."""
     if not cfg.train.history:
         return None, None
+    if not computes:
+        return History(ds.num_users, ds.num_items, cfg.train.history_refresh_steps), None
     from magnet_dist.graph.content import read_content_edges
     from magnet_dist.train.reference import FullGraph
 

@@ -33,9 +33,15 @@ def evaluate_epoch(run: WorkerRun, progress: Progress, epoch: int) -> dict[str, 
     metrics (empty when none ran)."""
     cfg, ctx = run.cfg, run.ctx
     if not cfg.eval.in_loop:
-        if epoch + 1 == cfg.train.epochs:  # no ranking in the loop: the final model is exported
-            progress.stopper.best_epoch, progress.stopper.best_info = epoch, progress.routing
+        last = epoch + 1 == cfg.train.epochs
+        if last or cfg.eval.snapshot_every_epoch:
             scorer = dense_eval_model(run.model, cfg, ctx.world)
+        if cfg.eval.snapshot_every_epoch:
+            export_best(run.run_dir, cfg, scorer, run.client, ctx, epoch, f"epoch-{epoch}.pt")
+            if ctx.rank == 0:
+                record_snapshot(run, progress, epoch)
+        if last:  # no ranking in the loop: the final model is exported
+            progress.stopper.best_epoch, progress.stopper.best_info = epoch, progress.routing
             export_best(run.run_dir, cfg, scorer, run.client, ctx, epoch)
         return {}
     if not evaluation_due(cfg, epoch):
@@ -120,10 +126,33 @@ def evaluate_sharded(scorer, client, ctx: WorkerContext, evaluators: dict) -> di
     return metrics
 
 
-def export_best(run_dir: Path, cfg: Config, scorer, client, ctx: WorkerContext, epoch: int):
-    """checkpoints/best.pt in the reference trainer's format (``scorer`` = the dense model with
-    every expert, one embedding table users-then-items), so evaluate/recommend work for either
-    trainer."""
+def record_snapshot(run: WorkerRun, progress: Progress, epoch: int) -> None:
+    """One row of snapshots.csv: the exported epoch, its step, and the training seconds and
+    pairs so far in this attempt (steps and history refreshes; no evaluation or checkpoints)."""
+    import csv
+
+    seconds = progress.step_seconds + (run.history.seconds if run.history is not None else 0.0)
+    path = run.run_dir / "snapshots.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(["epoch", "step", "train_seconds", "pairs", "checkpoint"])
+        w.writerow([epoch, progress.step, f"{seconds:.3f}", progress.pairs, f"epoch-{epoch}.pt"])
+
+
+def export_best(
+    run_dir: Path,
+    cfg: Config,
+    scorer,
+    client,
+    ctx: WorkerContext,
+    epoch: int,
+    name: str = "best.pt",
+):
+    """checkpoints/<name> (best.pt) in the reference trainer's format (``scorer`` = the dense
+    model with every expert, one embedding table users-then-items), so evaluate/recommend work
+    for either trainer."""
     from magnet_dist.train.checkpoint import save_checkpoint
 
     if ctx.rank != 0:
@@ -131,7 +160,7 @@ def export_best(run_dir: Path, cfg: Config, scorer, client, ctx: WorkerContext, 
     users = client.embeddings("user", torch.arange(client.num_users))
     items = client.embeddings("item", torch.arange(client.num_items))
     save_checkpoint(
-        run_dir / "checkpoints" / "best.pt",
+        run_dir / "checkpoints" / name,
         cfg,
         {
             "model": scorer.state_dict(),

@@ -158,10 +158,12 @@ def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> L
 
 
 def refresh_history(run: WorkerRun, step: int) -> None:
-    """Recompute the history table (every rank the same): after a barrier, so every rank's
-    sparse embedding updates are in the rows it reads."""
+    """Recompute the history table on rank 0 and broadcast it: after a barrier, so every
+    rank's sparse embedding updates are in the rows it reads."""
     dist.barrier()
-    refresh_from_client(run.history, run.model, run.full_graph, run.client, step, run.device)
+    if run.ctx.rank == 0:
+        refresh_from_client(run.history, run.model, run.full_graph, run.client, step, run.device)
+    run.history.share(step, run.model.encoder, source=0)
     if run.ctx.rank == 0 and run.show_progress:
         print(f"[history] refreshed before step {step} in {run.history.seconds:.1f} s so far")
 

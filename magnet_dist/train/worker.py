@@ -140,7 +140,8 @@ def build_worker_run(
         if cfg.eval.in_loop
         else {}
     )
-    history, full_graph = history_for(cfg, ds)  # train.history, else (None, None)
+    # train.history (else None, None): rank 0 computes the table, the others receive it
+    history, full_graph = history_for(cfg, ds, computes=rank == 0)
     log = StepLog(run_dir, enabled=rank == 0)
     if rank == 0:
         write_config(run_dir, cfg)

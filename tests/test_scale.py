@@ -279,3 +279,51 @@ def test_time_to_quality_paths_and_summary():
         "target": 0.020,
         "reached": {"today": 200.0, "new": 90.0, "slow": None},
     }
+
+
+@pytest.mark.integration
+def test_time_to_quality_end_to_end(tiny_dataset, tmp_path):
+    """Two training paths on real Ray workers and DGL servers, a snapshot per epoch, each
+    evaluated on validation (two-stage, sampled users): rows, summary, table and plot."""
+    from magnet_dist.bench.time_to_quality import METRIC, main
+    from magnet_dist.graph.partition import partition_dataset
+
+    parts = partition_dataset(tiny_dataset, 2, method="random", out_dir=tmp_path / "p2")
+    common = "train.batch_size=256 model.dim=16 eval.candidates=50 graph.partition_method=random"
+    results = main(
+        [
+            "--data",
+            str(tiny_dataset),
+            "--partitions",
+            str(parts.parent),
+            "--out",
+            str(tmp_path / "ttq"),
+            "--snapshots",
+            "2",
+            "--users",
+            "60",
+            "--candidates",
+            "50",
+            "--path",
+            f"exact:3:train.history=false train.fanouts=[10,10] {common}",
+            "--path",
+            f"history:3:train.fanouts=[5] train.history_refresh_steps=2 {common}",
+        ]
+    )
+    rows = results["rows"]
+    assert [(r["path"], r["epoch"], r["step"]) for r in rows] == [
+        ("exact", 0, 3),
+        ("exact", 1, 6),
+        ("history", 0, 3),
+        ("history", 1, 6),
+    ]
+    for name in ("exact", "history"):
+        mine = [r for r in rows if r["path"] == name]
+        assert 0 < mine[0]["train_seconds"] < mine[1]["train_seconds"]
+        assert mine[1]["pairs"] == 2 * mine[0]["pairs"] > 0
+    assert all(0.0 <= r[METRIC] <= 1.0 and r["eval_status"] == "ok" for r in rows)
+    assert results["summary"]["target_path"] == "exact"
+    assert results["summary"]["reached"]["exact"] == rows[1]["train_seconds"]
+    out = tmp_path / "ttq"
+    assert (out / "time_to_quality.png").stat().st_size > 0
+    assert "| history |" in (out / "results.md").read_text()

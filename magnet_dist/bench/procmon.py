@@ -29,6 +29,15 @@ def _pss_sum(procs) -> int:
     return total
 
 
+def process_kind(cmdline: list[str]) -> str:
+    text = " ".join(cmdline)
+    if "RayTrainWorker" in text:
+        return "trainers"
+    if "magnet_dist.graph.servers" in text:
+        return "graph_servers"
+    return "other"
+
+
 class TreeSampler(threading.Thread):
     """Peak of the summed RSS of a process and all its descendants, sampled every ``interval``."""
 
@@ -42,7 +51,18 @@ class TreeSampler(threading.Thread):
         self.samples = 0
         self.pss_interval = 5.0
         self._pss_at = float("-inf")
+        self._cpu: dict[int, float] = {}  # pid -> CPU seconds at its last sample
+        self._kind: dict[int, str] = {}
         self._halt = threading.Event()
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU seconds (user + system, up to each process's last sample) per kind of process:
+        training workers, graph servers, the rest (the stage process, Ray's own)."""
+        out: dict[str, float] = {}
+        for pid, sec in self._cpu.items():
+            kind = self._kind.get(pid, "other")
+            out[kind] = out.get(kind, 0.0) + sec
+        return {k: round(v, 1) for k, v in sorted(out.items())}
 
     def sample(self) -> None:
         import psutil
@@ -57,6 +77,9 @@ class TreeSampler(threading.Thread):
             try:
                 total += p.memory_info().rss
                 n += 1
+                self._kind[p.pid] = process_kind(p.cmdline())  # a Ray worker is renamed
+                t = p.cpu_times()
+                self._cpu[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
         self.samples += 1
@@ -117,6 +140,9 @@ def run_in_child(
         "peak_rss_gb": round(sampler.peak_bytes / 2**30, 3),
         "peak_processes": sampler.peak_processes,
         "peak_pss_gb": round(sampler.peak_pss_bytes / 2**30, 3),
+        # CPU seconds per kind of process, and cores used on average (CPU s / wall s)
+        "cpu_s": sampler.cpu_seconds(),
+        "cores_used": round(sum(sampler.cpu_seconds().values()) / max(wall, 1e-9), 2),
         "throughput": None,
         "log": str(log_path),
     }

@@ -57,6 +57,22 @@ def markdown(results: dict[str, Any]) -> str:
             f"{r['wall_s']:.1f} | {r['peak_rss_gb']:.2f} | {_gb(r.get('peak_pss_gb'))} | "
             f"{r['peak_processes']} | {fmt_throughput(r.get('throughput'))} |"
         )
+    cpu = [r for r in results["stages"] if r.get("cpu_s") and r["stage"].startswith("train_")]
+    if cpu:
+        lines += [
+            "",
+            "CPU seconds per kind of process in the training stages (start-up included), and "
+            "cores used on average (all CPU seconds / wall seconds):",
+            "",
+            "| stage | trainers | graph servers | other (stage, Ray) | cores used |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for r in cpu:
+            c = r["cpu_s"]
+            lines.append(
+                f"| {r['stage']} | {c.get('trainers', 0):.0f} | {c.get('graph_servers', 0):.0f} "
+                f"| {c.get('other', 0):.0f} | {r['cores_used']:.2f} |"
+            )
     s = results.get("summary", {})
     if s:
         lines += ["", "| target | value | met |", "|---|---|---|"]

@@ -135,6 +135,11 @@ def _train_reference(cfg: Config, progress: bool, hold: ExitStack) -> dict[str, 
     ds = load_dataset(cfg.data.path, verify_checksum=True)
     edges = read_content_edges(cfg.data.path) if cfg.model.content_view else None
     graph = FullGraph(ds, cfg, edges)
+    if cfg.train.history:
+        print(
+            "[reference] train.history is the distributed trainer's sampling: this trainer "
+            "propagates the whole graph every step (train.fanouts unused)"
+        )
     run_dir = cfg.run_dir
     ckpt_path = run_dir / "checkpoints" / "reference.pt"
     # a resume is checked (every byte, every config key) before anything is written

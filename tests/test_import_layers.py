@@ -16,7 +16,7 @@ LAYERS = [
     ["worker"],
     ["step", "sharded_eval", "worker_checkpoint"],
     ["worker_state"],
-    ["cluster", "faults"],
+    ["cluster", "faults", "history"],
     ["reference"],
     ["checkpoint", "common", "worker_info", "library_output", "ray_auth", "batches"],
     ["plots", "run_folder", "ray_env"],

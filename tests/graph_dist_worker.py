@@ -49,6 +49,23 @@ def make_graph_data(seed: int = 0, users: int = 40, items: int = 24, interaction
     }
 
 
+def heterograph(data):
+    """The training graph of :func:`make_graph_data` as one local DGL heterograph."""
+    from magnet_dist.graph.partition import build_heterograph
+
+    train = data["split"] == 0
+    return build_heterograph(
+        data["num_users"],
+        data["num_items"],
+        data["users"][train],
+        data["items"][train],
+        data["content_src"],
+        data["content_dst"],
+        data["content_weight"],
+        {"t": data["feat_t"], "v": data["feat_v"]},
+    )
+
+
 def make_model(seed: int = 0):
     from magnet_dist.config import Config
     from magnet_dist.model.magnet import MagnetModel

@@ -41,17 +41,7 @@ def train_pairs(data):
 
 
 def heterograph(data):
-    users, items = train_pairs(data)
-    return build_heterograph(
-        data["num_users"],
-        data["num_items"],
-        users,
-        items,
-        data["content_src"],
-        data["content_dst"],
-        data["content_weight"],
-        {"t": data["feat_t"], "v": data["feat_v"]},
-    )
+    return worker.heterograph(data)
 
 
 def partition(data, out, parts=2, method="random", checksum="c1"):

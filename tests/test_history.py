@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from magnet_dist.config import Config, load_config
-from magnet_dist.graph.partition import build_heterograph
 from magnet_dist.graph.sampling import LocalGraph, sample_blocks
 from magnet_dist.model.hops import full_graph_hop
 from magnet_dist.train.history import History
@@ -54,19 +53,7 @@ def data():
 
 
 def local_graph(data) -> LocalGraph:
-    train = data["split"] == 0
-    return LocalGraph(
-        build_heterograph(
-            data["num_users"],
-            data["num_items"],
-            data["users"][train],
-            data["items"][train],
-            data["content_src"],
-            data["content_dst"],
-            data["content_weight"],
-            {"t": data["feat_t"], "v": data["feat_v"]},
-        )
-    )
+    return LocalGraph(worker.heterograph(data))
 
 
 @pytest.mark.parametrize("layers", [1, 2, 3])

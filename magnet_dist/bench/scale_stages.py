@@ -264,10 +264,38 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def two_stage(loaded, ev, users, n: int, timings: dict[str, float]):
+    """Two-stage ranking of ``users``: retrieval of ``n`` candidates by dot score, MoE re-rank.
+    Returns the ranking sums, the candidates, the pair scorer and the retrieval vectors (the
+    evaluate stage reuses them); ``timings`` gets retrieve_s and rerank_s."""
+    from magnet_dist.eval.model_io import candidate_score_fn, retrieve_for
+    from magnet_dist.eval.ranking import rank_candidates
+
+    cfg = loaded.cfg
+    vecs = loaded.retrieval_vectors()
+    t = time.perf_counter()
+    cand = retrieve_for(loaded, users, n, ev.train_mask, False, *vecs)
+    timings["retrieve_s"] = time.perf_counter() - t
+    pair_fn = candidate_score_fn(loaded.model, loaded.user_reps, loaded.item_reps)
+    t = time.perf_counter()
+    sums = rank_candidates(
+        pair_fn,
+        users,
+        cand,
+        ev.ground_truth,
+        ev.train_mask,
+        cfg.eval.ks,
+        cfg.eval.user_chunk,
+        False,
+    )
+    timings["rerank_s"] = time.perf_counter() - t
+    return sums, cand, pair_fn, vecs
+
+
 def stage_evaluate(p: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
 
-    from magnet_dist.eval.model_io import candidate_score_fn, load_run, retrieve_for
+    from magnet_dist.eval.model_io import load_run
     from magnet_dist.eval.ranking import rank_candidates, retrieval_recall
     from magnet_dist.eval.run import sample_users
     from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
@@ -283,23 +311,7 @@ def stage_evaluate(p: dict[str, Any]) -> dict[str, Any]:
     users = sample_users(ev.users, p["two_stage_users"], p["seed"])
     exact_users = sample_users(users, p["exact_users"], p["seed"] + 1)
     n = min(p["candidates"], ds.num_items)
-    user_vecs, item_vecs = loaded.retrieval_vectors()
-    t = time.perf_counter()
-    cand = retrieve_for(loaded, users, n, ev.train_mask, False, user_vecs, item_vecs)
-    timings["retrieve_s"] = time.perf_counter() - t
-    pair_fn = candidate_score_fn(loaded.model, loaded.user_reps, loaded.item_reps)
-    t = time.perf_counter()
-    two = rank_candidates(
-        pair_fn,
-        users,
-        cand,
-        ev.ground_truth,
-        ev.train_mask,
-        cfg.eval.ks,
-        cfg.eval.user_chunk,
-        False,
-    )
-    timings["rerank_s"] = time.perf_counter() - t
+    two, cand, pair_fn, (user_vecs, item_vecs) = two_stage(loaded, ev, users, n, timings)
     rows = np.searchsorted(users, exact_users)
     two_sub = rank_candidates(
         pair_fn,
@@ -350,8 +362,7 @@ def stage_evaluate(p: dict[str, Any]) -> dict[str, Any]:
 def stage_snapshot_eval(p: dict[str, Any]) -> dict[str, Any]:
     """One exported model (``checkpoint`` of ``run_dir``) on the validation split: two-stage
     ranking (retrieval by dot score, MoE re-rank) of ``users`` sampled validation users."""
-    from magnet_dist.eval.model_io import candidate_score_fn, load_run, retrieve_for
-    from magnet_dist.eval.ranking import rank_candidates
+    from magnet_dist.eval.model_io import load_run
     from magnet_dist.eval.run import sample_users
     from magnet_dist.eval.scoring import SplitEvaluator
 
@@ -361,19 +372,7 @@ def stage_snapshot_eval(p: dict[str, Any]) -> dict[str, Any]:
     ev = SplitEvaluator(ds, 1, cfg.eval.ks, cfg.eval.user_chunk, cfg.eval.item_chunk)
     users = sample_users(ev.users, p["users"], p["seed"])
     n = min(p["candidates"], ds.num_items)
-    user_vecs, item_vecs = loaded.retrieval_vectors()
-    cand = retrieve_for(loaded, users, n, ev.train_mask, False, user_vecs, item_vecs)
-    pair_fn = candidate_score_fn(loaded.model, loaded.user_reps, loaded.item_reps)
-    sums = rank_candidates(
-        pair_fn,
-        users,
-        cand,
-        ev.ground_truth,
-        ev.train_mask,
-        cfg.eval.ks,
-        cfg.eval.user_chunk,
-        False,
-    )
+    sums = two_stage(loaded, ev, users, n, {})[0]
     wall = time.perf_counter() - t
     return {
         "throughput": {"users_per_s": round(len(users) / wall, 1)},

@@ -42,7 +42,7 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "--partition-method",
         "random",
         "--sweep",
-        "2,2@128 2@128+train.history=true",
+        "2,2@128+train.history=false 2@128+train.history=true",
         "--out",
         str(out),
         "train.batch_size=256",
@@ -62,7 +62,7 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "partition_2",
         "train_w2",
         "profile",
-        "sweep_2-2_b128",
+        "sweep_2-2_b128_train.history=false",
         "sweep_2_b128_train.history=true",
         "evaluate",
     ]
@@ -86,19 +86,17 @@ def test_quick_scale_benchmark_schema(tmp_path):
         "communication",
     ):
         assert key in split
-    sweep = by["sweep_2-2_b128"]
+    sweep = by["sweep_2-2_b128_train.history=false"]  # the exact 2-hop path
     assert sweep["fanouts"] == [2, 2] and sweep["batch_size"] == 128
-    # fewer neighbours and seeds than the profile stage: fewer sampled input nodes
-    assert (
-        0
-        < sweep["sampled_per_step"]["input_nodes"]
-        < by["profile"]["sampled_per_step"]["input_nodes"]
-    )
-    # the history lever: one sampled hop, after one refresh of the table
+    # the history lever: one sampled hop (same fanout and seeds), after one refresh of the
+    # table: fewer sampled input nodes and edges than the two hops
     lever = by["sweep_2_b128_train.history=true"]
     assert lever["levers"] == ["train.history=true"] and lever["fanouts"] == [2]
     assert lever["setup"]["history_refresh_s"] > 0
-    assert lever["sampled_per_step"]["edges"] < sweep["sampled_per_step"]["edges"]
+    for key in ("input_nodes", "edges"):
+        assert 0 < lever["sampled_per_step"][key] < sweep["sampled_per_step"][key], key
+    # the configured path (synthetic-1m.yaml: history, fanout 5, batch 256 here) profiled too
+    assert by["profile"]["fanouts"] == [5] and by["profile"]["setup"]["history_refresh_s"] > 0
     m = by["evaluate"]["metrics"]
     for key in (
         "test.two_stage.recall@20",
@@ -112,7 +110,7 @@ def test_quick_scale_benchmark_schema(tmp_path):
     assert "peak memory <= 16 GB every stage" in targets
     md = (out / "results.md").read_text()
     assert "| stage |" in md and "train_w2" in md and "Command:" in md
-    assert "| [2, 2] | 128 | - |" in md  # the sweep table
+    assert "| [2, 2] | 128 | train.history=false |" in md  # the sweep table
     assert "| [2] | 128 | train.history=true |" in md
 
 
@@ -242,8 +240,8 @@ def test_summarise_and_markdown_of_fixed_results():
         in lines
     )
     assert "| sampling | 0.200 | 40% |" in lines and "| total | 0.500 | 100% |" in lines
-    assert "| [10, 10] | 1024 | 12,345 | 67,890 | 0.50 | 0.20 | 0.15 | 0.05 | 2,048 |" in lines
-    assert "| [2, 2] | 128 | 500 | 900 | 0.10 | 0.20 | 0.15 | 0.05 | 1,280 |" in lines
+    assert "| [10, 10] | 1024 | - | 12,345 | 67,890 | 0.50 | 0.20 | 0.15 | 0.05 | 2,048 |" in lines
+    assert "| [2, 2] | 128 | - | 500 | 900 | 0.10 | 0.20 | 0.15 | 0.05 | 1,280 |" in lines
     assert (
         "Evaluation (test split; two-stage on 2,000 sampled users with N=200; exact full "
         "ranking on 200 of them):" in lines

@@ -156,7 +156,7 @@ class TrainConfig(_Section):
     # Scale sampled messages by degree/sampled so they estimate full-graph propagation.
     sample_rescale: bool = True
     # distributed: sample one hop per step (train.fanouts has one entry); layers 2..L of the
-    # output nodes come from a full-graph table each worker recomputes every
+    # output nodes come from a full-graph table rank 0 recomputes (and broadcasts) every
     # history_refresh_steps steps (0: at the start of every epoch); train/history.py
     history: bool = False
     history_refresh_steps: int = Field(0, ge=0)

@@ -321,7 +321,12 @@ def test_time_to_quality_end_to_end(tiny_dataset, tmp_path):
         assert mine[1]["pairs"] == 2 * mine[0]["pairs"] > 0
     assert all(0.0 <= r[METRIC] <= 1.0 and r["eval_status"] == "ok" for r in rows)
     assert results["summary"]["target_path"] == "exact"
-    assert results["summary"]["reached"]["exact"] == rows[1]["train_seconds"]
+    # the first path reaches its own final metric at its first snapshot that scores as high
+    # (the last one, or an earlier one when a tiny run's metric does not rise)
+    target = rows[1][METRIC]
+    first_hit = next(r for r in rows[:2] if r[METRIC] >= target)
+    assert results["summary"]["target"] == target
+    assert results["summary"]["reached"]["exact"] == first_hit["train_seconds"]
     out = tmp_path / "ttq"
     assert (out / "time_to_quality.png").stat().st_size > 0
     assert "| history |" in (out / "results.md").read_text()

@@ -133,6 +133,7 @@ def run_in_child(
         rc = proc.wait()
         sampler.stop()
     wall = time.perf_counter() - t0
+    cpu = sampler.cpu_seconds()
     record: dict[str, Any] = {
         "stage": name,
         "status": "ok" if rc == 0 and result_path.is_file() else f"failed (exit {rc})",
@@ -141,8 +142,8 @@ def run_in_child(
         "peak_processes": sampler.peak_processes,
         "peak_pss_gb": round(sampler.peak_pss_bytes / 2**30, 3),
         # CPU seconds per kind of process, and cores used on average (CPU s / wall s)
-        "cpu_s": sampler.cpu_seconds(),
-        "cores_used": round(sum(sampler.cpu_seconds().values()) / max(wall, 1e-9), 2),
+        "cpu_s": cpu,
+        "cores_used": round(sum(cpu.values()) / max(wall, 1e-9), 2),
         "throughput": None,
         "log": str(log_path),
     }

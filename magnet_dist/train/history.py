@@ -13,8 +13,9 @@ between refreshes.
 Rank 0 computes the whole table over the training graph (after a barrier, so every rank's
 embedding updates are in), one content channel at a time, in float16, and broadcasts it; every
 worker keeps its copy: no per-step network traffic at all, at the price of the training graph
-on rank 0 during a refresh and the table (``2 views x nodes x M*d`` halves) on every worker. With a fresh table and fanout -1 the history mode's forward equals the
-exact mode's (tests/test_history.py).
+on rank 0 during a refresh and the table (``2 views x nodes x M*d`` halves) on every worker.
+With a fresh table and fanout -1 the history mode's forward equals the exact mode's
+(tests/test_history.py).
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import time
 
 import torch
-
-VIEWS = ("observed", "augmented")
 
 
 class History:
@@ -110,13 +109,13 @@ def history_for(cfg, ds, computes: bool = True):
     for ranks that receive the table); else ``(None, None)``."""
     if not cfg.train.history:
         return None, None
+    history = History(ds.num_users, ds.num_items, cfg.train.history_refresh_steps)
     if not computes:
-        return History(ds.num_users, ds.num_items, cfg.train.history_refresh_steps), None
+        return history, None
     from magnet_dist.graph.content import read_content_edges
     from magnet_dist.train.reference import FullGraph
 
     edges = read_content_edges(cfg.data.path) if cfg.model.content_view else None
-    history = History(ds.num_users, ds.num_items, cfg.train.history_refresh_steps)
     return history, FullGraph(ds, cfg, edges)
 
 

@@ -131,7 +131,7 @@ def record_snapshot(run: WorkerRun, progress: Progress, epoch: int) -> None:
     pairs so far in this attempt (steps and history refreshes; no evaluation or checkpoints)."""
     import csv
 
-    seconds = progress.step_seconds + (run.history.seconds if run.history is not None else 0.0)
+    seconds = progress.step_seconds + run.history_seconds
     path = run.run_dir / "snapshots.csv"
     new = not path.exists()
     with path.open("a", newline="") as f:

@@ -259,7 +259,7 @@ def history_metrics(run: WorkerRun, progress: Progress) -> dict[str, Any]:
         "history_refreshes": h.refreshes,
         "history_refresh_seconds": h.seconds,
         "pairs_per_second_with_refresh": progress.pairs
-        / max(progress.step_seconds + h.seconds, 1e-9),
+        / max(progress.step_seconds + run.history_seconds, 1e-9),
     }
 
 

@@ -65,6 +65,11 @@ class WorkerRun:
     history: Any = None  # train.history: the History table and the FullGraph it is made from
     full_graph: Any = None
 
+    @property
+    def history_seconds(self) -> float:
+        """Seconds spent refreshing the history table in this attempt (0 without history)."""
+        return self.history.seconds if self.history is not None else 0.0
+
 
 @dataclass
 class Progress:

@@ -56,13 +56,20 @@ class LoadedRun:
     def retrieval_vectors(self) -> tuple[np.ndarray, np.ndarray]:
         """(user, item) float32 vectors whose inner product is the model's dot score.
 
-        ``dot_score = mean_m <h_u^m, h_i^m>``: concatenating h^m over modalities and dividing
-        both sides by sqrt(M) gives ``<u, i> = sum_m <h_u^m, h_i^m> / M``.
+        ``dot_score = sum_m w_m <h_u^m, h_i^m>`` (``w_m = 1/M`` by default): concatenating h^m
+        over modalities, each block scaled by ``sqrt|w_m|`` on both sides and by the sign of
+        ``w_m`` on the user side, gives ``<u, i> = sum_m w_m <h_u^m, h_i^m>``.
         """
         mods = self.model.modalities
-        scale = 1.0 / math.sqrt(len(mods))
-        u = torch.cat([self.user_reps[m] for m in mods], dim=1) * scale
-        i = torch.cat([self.item_reps[m] for m in mods], dim=1) * scale
+        if self.model.cfg.model.score_weights == "mean":
+            scale = 1.0 / math.sqrt(len(mods))
+            u = torch.cat([self.user_reps[m] for m in mods], dim=1) * scale
+            i = torch.cat([self.item_reps[m] for m in mods], dim=1) * scale
+        else:
+            w = self.model.dot_weights().detach().float()
+            root, sign = w.abs().sqrt(), torch.sign(w)
+            u = torch.cat([self.user_reps[m] * (sign[k] * root[k]) for k, m in enumerate(mods)], 1)
+            i = torch.cat([self.item_reps[m] * root[k] for k, m in enumerate(mods)], 1)
         return (
             np.ascontiguousarray(u.numpy(), dtype=np.float32),
             np.ascontiguousarray(i.numpy(), dtype=np.float32),

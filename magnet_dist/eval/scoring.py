@@ -47,7 +47,7 @@ def pair_score_fn(model: MagnetModel, max_tokens: int = SCORE_CHUNK_TOKENS) -> C
     def _score(hu: Reps, hi: Reps) -> torch.Tensor:
         n_u = next(iter(hu.values())).shape[0]
         n_i = next(iter(hi.values())).shape[0]
-        dot = torch.stack([hu[m] @ hi[m].t() for m in model.modalities]).mean(0)
+        dot = model.dot_matrix(hu, hi)
         if model.moe is None:
             return dot
         rows = max(1, max_tokens // max(n_i, 1))

@@ -44,6 +44,11 @@ class MagnetModel(nn.Module):
         )
         self.modalities = self.encoder.modalities
         self.token_dim = len(self.modalities) * m.dim
+        if m.score_weights == "learned":
+            # w_m of the base score; at (1, 0, ...) it is the ID LightGCN's dot product
+            init = torch.zeros(len(self.modalities))
+            init[0] = 1.0
+            self.dot_weight = nn.Parameter(init)
         self.moe: nn.Module | None = None
         if m.use_moe:
             self.moe = moe if moe is not None else build_dense_moe(cfg, self.modalities)
@@ -71,8 +76,29 @@ class MagnetModel(nn.Module):
             x = rms_normalise_blocks(x, len(self.modalities))
         return x
 
+    def dot_weights(self) -> torch.Tensor:
+        """``w_m`` of the base score ``sum_m w_m <h_u^m, h_i^m>`` (``model.score_weights``):
+        1/M each ("mean"), (1, 0, ...) ("behaviour") or learned ("learned")."""
+        mode = self.cfg.model.score_weights
+        if mode == "learned":
+            return self.dot_weight
+        n = len(self.modalities)
+        if mode == "behaviour":
+            return torch.zeros(n).index_fill_(0, torch.tensor([0]), 1.0)
+        return torch.full((n,), 1.0 / n)
+
     def dot_score(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([(hu[m] * hi[m]).sum(1) for m in self.modalities]).mean(0)
+        dots = torch.stack([(hu[m] * hi[m]).sum(1) for m in self.modalities])
+        if self.cfg.model.score_weights == "mean":
+            return dots.mean(0)
+        return (self.dot_weights().to(dots) @ dots) if dots.shape[0] > 1 else dots[0]
+
+    def dot_matrix(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The base score of every (user row, item row) pair, ``[n_u, n_i]``."""
+        if self.cfg.model.score_weights == "mean":
+            return torch.stack([hu[m] @ hi[m].t() for m in self.modalities]).mean(0)
+        w = self.dot_weights()
+        return sum(w[k] * (hu[m] @ hi[m].t()) for k, m in enumerate(self.modalities))
 
     def score(
         self,
@@ -80,7 +106,8 @@ class MagnetModel(nn.Module):
         hi: dict[str, torch.Tensor],
         explore: bool = False,
     ) -> tuple[torch.Tensor, RoutingStats | None]:
-        """``y = mean_m <h_u^m, h_i^m> + w^T sum_k g_k f_k(x_k)`` for aligned rows of hu, hi."""
+        """``y = sum_m w_m <h_u^m, h_i^m> + w^T sum_k g_k f_k(x_k)`` for aligned rows of hu, hi
+        (``w_m = 1/M`` by default, see :meth:`dot_weights`)."""
         y = self.dot_score(hu, hi)
         if self.moe is None:
             return y, None
@@ -131,13 +158,17 @@ def pair_grouped_order(n: int, n_neg: int, device=None) -> torch.Tensor:
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer groups: the MoE head (router, experts, read-out) gets ``moe.weight_decay``."""
+    """Optimizer groups: the MoE head (router, experts, read-out) gets ``moe.weight_decay`` and,
+    for a MagnetModel, the learning rate ``train.lr * moe.lr_scale`` (when the scale is not 1)."""
     moe, rest = [], []
     for name, p in model.named_parameters():
         (moe if name.startswith(("moe.", "readout.")) else rest).append(p)
     groups = [{"params": rest}]
     if moe:
         groups.append({"params": moe, "weight_decay": weight_decay})
+        cfg = getattr(model, "cfg", None)
+        if cfg is not None and cfg.moe.lr_scale != 1.0:
+            groups[-1]["lr"] = cfg.train.lr * cfg.moe.lr_scale
     return groups
 
 

@@ -143,16 +143,19 @@ def test_stats_reduce_of_two_halves_equals_whole():
     whole = routing_stats(top_k_route(logits, 2, None))
     a = routing_stats(top_k_route(logits[:4], 2, None))
     b = routing_stats(top_k_route(logits[4:], 2, None))
-    merged = a.reduce(lambda t: t + getattr(b, _name_of(a, t)))
+    merged = a.reduce(lambda t: t + b.packed())
     for f in ["h_conf", "h_use", "l_aux"]:
         assert getattr(merged, f)().item() == pytest.approx(getattr(whole, f)().item(), abs=1e-6)
+    for f in ["assigned", "load", "gate_mass", "prob_sum"]:
+        assert torch.allclose(getattr(merged, f), getattr(whole, f), atol=1e-5), f
 
 
-def _name_of(stats, tensor):
-    for name in ["entropy_sum", "prob_sum", "assigned", "load", "tokens", "dropped", "gate_mass"]:
-        if getattr(stats, name) is tensor:
-            return name
-    raise KeyError
+def test_stats_reduce_is_one_collective():
+    """Every worker waits for the slowest at each collective: the routing sums go in one."""
+    stats = routing_stats(top_k_route(torch.randn(10, 9), 2, None))
+    calls = []
+    stats.reduce(lambda t: calls.append(t.shape) or t)
+    assert calls == [(1 + 9 + 9 + 9 + 1 + 1 + 9,)]
 
 
 @pytest.mark.parametrize("k", [1, 2])

@@ -39,11 +39,22 @@ class RoutingStats:
     top_k: int = 1
 
     def reduce(self, all_reduce: Callable[[torch.Tensor], torch.Tensor]) -> RoutingStats:
-        """Sums over every worker; ``all_reduce`` must be autograd-aware for the prob sums."""
-        values = {
-            f.name: all_reduce(getattr(self, f.name)) for f in fields(self) if f.name != "top_k"
-        }
+        """Sums over every worker; ``all_reduce`` must be autograd-aware for the prob sums.
+
+        The sums travel packed in one tensor: one collective per step (and one in the backward)
+        instead of one per field, each a point where every worker waits for the slowest."""
+        parts = self._sums()
+        summed = all_reduce(self.packed())
+        pieces = summed.split([t.numel() for t in parts.values()])
+        values = {n: p.reshape(t.shape) for (n, t), p in zip(parts.items(), pieces, strict=True)}
         return RoutingStats(**values, top_k=self.top_k)
+
+    def _sums(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "top_k"}
+
+    def packed(self) -> torch.Tensor:
+        """Every sum in one flat tensor (the field order of the class), as :meth:`reduce` sends."""
+        return torch.cat([t.reshape(-1) for t in self._sums().values()])
 
     @property
     def num_experts(self) -> int:

@@ -70,8 +70,7 @@ def test_collective_device_follows_the_group_backend(gloo_world, monkeypatch):
 def test_worker_collective_helpers_run_on_the_group_device(gloo_world, monkeypatch):
     from magnet_dist.train import step
 
-    assert step.mean_over_workers([1.0, 3.0]) == [1.0, 3.0]
-    step.assert_same_schedule(ScheduleState())
+    assert step.sync_step([1.0, 3.0], ScheduleState()) == [1.0, 3.0]
     seen = []
     real = device_mod.collective_device
 
@@ -80,6 +79,5 @@ def test_worker_collective_helpers_run_on_the_group_device(gloo_world, monkeypat
         return seen[-1]
 
     monkeypatch.setattr(device_mod, "collective_device", spy)
-    step.mean_over_workers([2.0])
-    step.assert_same_schedule(ScheduleState())
-    assert seen == [torch.device("cpu")] * 2, "helpers must ask the group for their device"
+    step.sync_step([2.0], ScheduleState())
+    assert seen == [torch.device("cpu")], "helpers must ask the group for their device"

@@ -176,6 +176,7 @@ if rank == 0:
     h.refreshed_at, h.refreshes = 7, 1
 h.share(7, enc, source=0)
 torch.save({"table": h.table, "at": h.refreshed_at, "n": h.refreshes}, out)
+dist.barrier()  # torch 2.2's gloo can hang in destroy while the peer still tears down
 dist.destroy_process_group()
 """
 

@@ -19,7 +19,7 @@ LAYERS = [
     ["cluster", "faults", "history"],
     ["reference"],
     ["checkpoint", "common", "worker_info", "library_output", "ray_auth", "batches"],
-    ["plots", "run_folder", "ray_env"],
+    ["plots", "run_folder", "ray_env", "step_clock"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -4,6 +4,7 @@ pieces it is made of: the batch plan, the per-step seed, the sampled loss, the c
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,6 +16,7 @@ from magnet_dist.parallel.device import collective_tensor
 from magnet_dist.train.batches import batch_rng
 from magnet_dist.train.history import History, refresh_from_client
 from magnet_dist.train.reference import select
+from magnet_dist.train.step_clock import StepClock, maybe_part
 from magnet_dist.train.worker_state import Progress, WorkerRun
 
 
@@ -30,6 +32,7 @@ def sampled_loss(
     seed: int | None = None,
     device: torch.device | None = None,
     history: History | None = None,
+    clock: StepClock | None = None,
 ) -> LossOutput:
     """The loss of one batch on neighbour-sampled blocks (both views from one sampling pass).
 
@@ -38,20 +41,26 @@ def sampled_loss(
     (:func:`~magnet_dist.parallel.device.worker_device`); sampling stays on the CPU, the blocks
     and the embedding rows move there (the rows' gradients, and so DGL's sparse optimizer
     step, follow them). ``history``: ``fanouts`` is one hop, and the deeper layers of the
-    output nodes come from this table (train/history.py)."""
+    output nodes come from this table (train/history.py). ``clock``: the parts are timed
+    (sampling, history rows, embedding fetch; the rest counts as the forward)."""
     n = users.numel()
     items = torch.cat([pos, neg.reshape(-1)])
-    blocks = client.sample_blocks(users, items, fanouts, model.cfg.train.sample_rescale, seed=seed)
+    with maybe_part(clock, "sampling"):
+        blocks = client.sample_blocks(
+            users, items, fanouts, model.cfg.train.sample_rescale, seed=seed
+        )
     deep = None
     if history is not None:
-        deep = history.rows(
-            client.to_orig_ids("user", blocks.output_users),
-            client.to_orig_ids("item", blocks.output_items),
-        )
+        with maybe_part(clock, "history_rows"):
+            deep = history.rows(
+                client.to_orig_ids("user", blocks.output_users),
+                client.to_orig_ids("item", blocks.output_items),
+            )
     if device is not None and device.type != "cpu":
         blocks = blocks.to(device)
         deep = {v: t.to(device) for v, t in deep.items()} if deep is not None else None
-    emb = client.input_embeddings(blocks, device=device)
+    with maybe_part(clock, "embedding_fetch"):
+        emb = client.input_embeddings(blocks, device=device)
     reps = model.encode(
         blocks.hops, emb, blocks.features, blocks.is_item_in, blocks.is_item_out, deep
     )
@@ -113,48 +122,72 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, batch, rank, 13]).generate_state(1)[0])
 
 
-def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> LossOutput:
+def train_step(run: WorkerRun, progress: Progress, epoch: int, b: int, idx) -> StepResult:
     """Batch ``b`` (local edge indices ``idx``) of ``epoch``: seed, negatives, loss, backward,
     gradient all-reduce, optimizer steps, routing-schedule advance (checked to agree on every
-    rank). Counts the step, its pairs and its seconds in ``progress``."""
+    rank, in the same collective that averages the loss). Counts the step, its pairs, its
+    seconds and their parts (``progress.clock``) in ``progress``."""
     from magnet_dist.parallel.reduce import allreduce_gradients, stats_all_reduce
 
     cfg, world, rank = run.cfg, run.ctx.world, run.ctx.rank
     if run.history is not None and run.history.due(progress.step, b == 0):
         refresh_history(run, progress.step)
+    clock = progress.clock
     t_step = time.perf_counter()
-    u, p = run.users_local[idx], run.items_local[idx]
-    neg = run.sampler.sample(
-        u.numpy(), cfg.train.n_neg, batch_rng(cfg.train.seed, epoch, b * world + rank)
-    )
+    with clock.part("negatives"):
+        u, p = run.users_local[idx], run.items_local[idx]
+        neg = run.sampler.sample(
+            u.numpy(), cfg.train.n_neg, batch_rng(cfg.train.seed, epoch, b * world + rank)
+        )
     seed = step_seed(cfg.train.seed, epoch, b, rank)
     torch.manual_seed(seed)
     run.optim.zero_grad()
-    out = sampled_loss(
-        run.model,
-        run.client,
-        u,
-        p,
-        torch.from_numpy(neg),
-        cfg.train.fanouts,
-        progress.schedule,
-        stats_all_reduce() if run.model.moe is not None else None,
-        seed=seed,
-        device=run.device,
-        history=run.history,
-    )
-    out.loss.backward()
-    allreduce_gradients(run.model)
-    run.optim.step()
+    with clock.part("forward"):
+        out = sampled_loss(
+            run.model,
+            run.client,
+            u,
+            p,
+            torch.from_numpy(neg),
+            cfg.train.fanouts,
+            progress.schedule,
+            clock.timed("routing_stats_allreduce", stats_all_reduce())
+            if run.model.moe is not None
+            else None,
+            seed=seed,
+            device=run.device,
+            history=run.history,
+            clock=clock,
+        )
+    with clock.part("backward"):
+        out.loss.backward()
+    with clock.part("dense_allreduce"):
+        allreduce_gradients(run.model)
+    with clock.part("dense_optimizer"):
+        run.optim.step_dense()
+    with clock.part("sparse_optimizer"):
+        run.optim.sparse.step()
     if out.stats is not None:
         progress.schedule = advance(
             progress.schedule, trigger_signal(out.stats, cfg.routing), cfg.routing
         )
-        assert_same_schedule(progress.schedule)
+    with clock.part("step_sync"):
+        loss, bpr = sync_step([float(out.loss), float(out.bpr)], progress.schedule)
     progress.step += 1
     progress.pairs += len(idx) * world
     progress.step_seconds += time.perf_counter() - t_step
-    return out
+    clock.steps += 1
+    return StepResult(out, loss, bpr)
+
+
+@dataclass
+class StepResult:
+    """A step's loss terms and routing statistics on this rank, and the world-mean loss and
+    BPR term (what the step log shows)."""
+
+    out: LossOutput
+    mean_loss: float
+    mean_bpr: float
 
 
 def refresh_history(run: WorkerRun, step: int) -> None:
@@ -168,19 +201,21 @@ def refresh_history(run: WorkerRun, step: int) -> None:
         print(f"[history] refreshed before step {step} in {run.history.seconds:.1f} s so far")
 
 
-def mean_over_workers(values: list[float]) -> list[float]:
-    t = collective_tensor(values)
-    dist.all_reduce(t)
-    return (t / dist.get_world_size()).cpu().tolist()
-
-
-def assert_same_schedule(state: ScheduleState) -> None:
-    """Every worker must be in the same stage with the same switch step (cheap all-reduce)."""
-    code = collective_tensor(
-        [float(state.stage == "specialisation"), float(state.switch_step or -1)]
+def sync_step(values: list[float], state: ScheduleState) -> list[float]:
+    """The world mean of ``values`` and a check that every worker is in the same routing stage
+    with the same switch step, in one collective (an all-gather: each rank sees every rank's
+    row), so a step ends with one synchronisation, not three."""
+    mine = collective_tensor(
+        [*values, float(state.stage == "specialisation"), float(state.switch_step or -1)]
     )
-    lo, hi = code.clone(), code.clone()
-    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-    if not torch.equal(lo, hi):
-        raise RuntimeError(f"workers disagree on the routing stage: min {lo}, max {hi}")
+    world = dist.get_world_size()
+    rows = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(rows, mine)
+    table = torch.stack(rows)
+    stages = table[:, len(values) :]
+    if not bool((stages == stages[0]).all()):
+        raise RuntimeError(
+            "workers disagree on the routing stage: (specialisation, switch step) per rank "
+            f"{stages.cpu().tolist()}"
+        )
+    return table[:, : len(values)].mean(0).cpu().tolist()

@@ -34,7 +34,7 @@ from magnet_dist.train.faults import FaultHooks
 from magnet_dist.train.library_output import quiet_ray_console
 from magnet_dist.train.run_folder import StepLog, write_config, write_json_atomic
 from magnet_dist.train.sharded_eval import evaluate_epoch
-from magnet_dist.train.step import epoch_plan, mean_over_workers, train_step
+from magnet_dist.train.step import epoch_plan, train_step
 from magnet_dist.train.worker_checkpoint import (
     checkpoint_due,
     epoch_checkpoint_due,
@@ -186,10 +186,10 @@ def run_epoch(run: WorkerRun, progress: Progress, epoch: int) -> None:
     epoch_checkpoint = epoch_checkpoint_due(cfg, epoch)
     bar = _bar(len(plan) - first, f"epoch {epoch}", run.show_progress)
     for b in range(first, len(plan)):
-        out = train_step(run, progress, epoch, b, plan[b])
+        result = train_step(run, progress, epoch, b, plan[b])
         progress.batch = b + 1  # the next batch of this epoch's plan
-        row = step_row(progress.step, epoch, out, progress.schedule)
-        row["loss"], row["bpr"] = mean_over_workers([row["loss"], row["bpr"]])
+        row = step_row(progress.step, epoch, result.out, progress.schedule)
+        row["loss"], row["bpr"] = result.mean_loss, result.mean_bpr
         run.log.log(row)
         if bar is not None:
             bar.update(1)
@@ -223,6 +223,9 @@ def final_metrics(run: WorkerRun, progress: Progress) -> None:
     """Rank 0 writes metrics.json (the test numbers of the epoch chosen on validation, the
     routing, the throughput) and the plots."""
     wall = time.time() - progress.t0
+    step_parts = [None] * run.ctx.world  # every rank's, so imbalance and waiting show
+    clock = progress.clock
+    dist.all_gather_object(step_parts, {"wall": clock.means(), "cpu": clock.means(cpu=True)})
     if run.ctx.rank != 0:
         return
     cfg, state, stopper = run.cfg, progress.schedule, progress.stopper
@@ -234,6 +237,9 @@ def final_metrics(run: WorkerRun, progress: Progress) -> None:
         # training steps only (sampling, compute, communication); no eval/checkpoints
         "pairs_per_second": progress.pairs / max(progress.step_seconds, 1e-9),
         **history_metrics(run, progress),
+        # per rank: mean wall and CPU seconds per step of each part (a collective's wall time
+        # includes waiting for the slowest rank)
+        "step_parts": step_parts,
         "stage": state.stage,
         "switch_step": state.switch_step,
         "switch_forced": state.forced,

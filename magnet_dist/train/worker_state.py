@@ -17,6 +17,7 @@ from magnet_dist.train.cluster import WorkerContext
 from magnet_dist.train.common import EarlyStopping
 from magnet_dist.train.faults import FaultHooks
 from magnet_dist.train.run_folder import StepLog
+from magnet_dist.train.step_clock import StepClock
 
 
 @dataclass
@@ -36,10 +37,13 @@ class Optimizers:
                 opt.zero_grad(set_to_none=True)
 
     def step(self) -> None:
+        self.step_dense()
+        self.sparse.step()
+
+    def step_dense(self) -> None:
         for opt in (self.dense, self.expert):
             if opt is not None:
                 opt.step()
-        self.sparse.step()
 
 
 @dataclass
@@ -77,8 +81,8 @@ class Progress:
 
     ``epoch``: the epoch being (or next to be) trained; ``batch``: the next batch of its plan,
     ``None`` once the epoch is complete (evaluation included). ``state_dict`` is the resume
-    dict of every checkpoint; ``pairs``, ``step_seconds``, ``routing`` and the clocks are this
-    attempt's only."""
+    dict of every checkpoint; ``pairs``, ``step_seconds``, ``clock``, ``routing`` and the
+    clocks are this attempt's only."""
 
     stopper: EarlyStopping
     epoch: int = 0
@@ -88,6 +92,7 @@ class Progress:
     best_metrics: dict[str, float] = field(default_factory=dict)
     pairs: int = 0
     step_seconds: float = 0.0  # training steps only (a history refresh is not in it)
+    clock: StepClock = field(default_factory=StepClock)  # step_seconds, part by part
     routing: Any = None  # routing of the last completed epoch (rank 0)
     t0: float = 0.0  # time.time() when training started (train_seconds)
     checkpointed_at: float = 0.0  # time.monotonic() of the last checkpoint

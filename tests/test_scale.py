@@ -76,6 +76,14 @@ def test_quick_scale_benchmark_schema(tmp_path):
     # Ray's processes, the workers and the DGL servers are all in the sampled tree
     assert by["train_w2"]["peak_processes"] > by["prepare"]["peak_processes"]
     assert by["train_w2"]["workers"] == 2 and by["train_w2"]["steps"] == 3
+    # every rank's step, part by part: the parts add up to the step the throughput counts
+    parts = by["train_w2"]["step_parts"]
+    assert len(parts) == 2
+    wanted = {"negatives", "sampling", "forward", "backward", "sparse_optimizer", "step_sync"}
+    for rank in parts:
+        assert wanted <= rank["wall"].keys() and rank["wall"].keys() == rank["cpu"].keys()
+        named = sum(v for k, v in rank["wall"].items() if k != "total")
+        assert named == pytest.approx(rank["wall"]["total"], abs=2e-3)
     split = by["profile"]["step_split_s"]
     for key in (
         "total",
@@ -151,7 +159,25 @@ def _fixed_results():
             stage("content", 200.0, 2.0, 1.5, 1, {"items_per_s": 100.0}),
             stage("partition_2", 300.0, 3.0, 2.5, 1, {"edges_per_s": 5000.0}),
             stage("train_w1", 60.0, 6.0, 5.0, 9, {"pairs_per_s": 6000.0}, workers=1),
-            stage("train_w2", 60.0, 20.0, 17.0, 14, {"pairs_per_s": 11_000.0}, workers=2),
+            stage(
+                "train_w2",
+                60.0,
+                20.0,
+                17.0,
+                14,
+                {"pairs_per_s": 11_000.0},
+                workers=2,
+                step_parts=[
+                    {
+                        "wall": {"sampling": 0.5, "step_sync": 0.25, "total": 0.75},
+                        "cpu": {"sampling": 0.125, "step_sync": 0.0, "total": 0.125},
+                    },
+                    {
+                        "wall": {"sampling": 0.625, "step_sync": 0.125, "total": 0.75},
+                        "cpu": {"sampling": 0.25, "step_sync": 0.0, "total": 0.25},
+                    },
+                ],
+            ),
             stage(
                 "profile",
                 30.0,
@@ -232,6 +258,10 @@ def test_summarise_and_markdown_of_fixed_results():
     assert "| train_w2 | ok | 60.0 | 20.00 | 17.00 | 14 | 11,000 pairs/s |" in lines
     assert "| sweep_2-2_b128 | ok | 20.0 | 3.00 | n/a | 1 | 1,280 pairs/s |" in lines
     assert "| 2 workers >= 1.7x 1 worker | 1.83x | True |" in lines
+    # the per-rank step parts: wall seconds, CPU seconds in brackets, one column per rank
+    assert "| part | train_w2 rank 0 | train_w2 rank 1 |" in lines
+    assert "| sampling | 0.500 (0.125) | 0.625 (0.250) |" in lines
+    assert "| total | 0.750 (0.125) | 0.750 (0.250) |" in lines
     assert "| peak memory <= 16 GB every stage | 17.00 GB PSS sum (RSS sum 20.00 GB) | False |" in (
         lines
     )

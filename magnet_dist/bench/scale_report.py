@@ -37,6 +37,35 @@ def _gb(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def step_parts_table(stages: list[dict[str, Any]]) -> list[str]:
+    """The training stages' step, part by part (rows) and rank by rank (columns): mean wall
+    seconds per step, this process's CPU seconds in brackets. A collective's wall time includes
+    waiting for the slowest rank; CPU far below wall is waiting, CPU near wall is work."""
+    runs = [
+        (f"{r['stage']} rank {rank}", parts)
+        for r in stages
+        for rank, parts in enumerate(r.get("step_parts") or [])
+    ]
+    if not runs:
+        return []
+    names = sorted({k for _, parts in runs for k in parts["wall"] if k != "total"}) + ["total"]
+    lines = [
+        "",
+        "One training step in the training stages, per rank: mean wall seconds per step (the "
+        "trainer's CPU seconds in brackets; the collectives' wall time includes waiting for the "
+        "other rank):",
+        "",
+        "| part | " + " | ".join(name for name, _ in runs) + " |",
+        "|---|" + "---:|" * len(runs),
+    ]
+    for k in names:
+        cells = " | ".join(
+            f"{parts['wall'].get(k, 0.0):.3f} ({parts['cpu'].get(k, 0.0):.3f})" for _, parts in runs
+        )
+        lines.append(f"| {k} | {cells} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
@@ -73,6 +102,7 @@ def markdown(results: dict[str, Any]) -> str:
                 f"| {r['stage']} | {c.get('trainers', 0):.0f} | {c.get('graph_servers', 0):.0f} "
                 f"| {c.get('other', 0):.0f} | {r['cores_used']:.2f} |"
             )
+    lines += step_parts_table(results["stages"])
     s = results.get("summary", {})
     if s:
         lines += ["", "| target | value | met |", "|---|---|---|"]

@@ -107,6 +107,7 @@ def stage_train(p: dict[str, Any]) -> dict[str, Any]:
         "steps": metrics.get("steps"),
         "batch_size": cfg.train.batch_size,
         "train_seconds": metrics.get("train_seconds"),
+        "step_parts": metrics.get("step_parts"),  # per rank: mean seconds per step of each part
         "run_dir": str(cfg.run_dir.resolve()),
     }
 

@@ -72,9 +72,7 @@ class ModelConfig(_Section):
     # <h_u^m, h_i^m>, so each content channel dilutes the ID dot), "learned" (sum_m w_m <.,.>
     # with w_behaviour = 1 and w_content = 0 at the start: the model starts as the ID LightGCN
     # and learns how much each content channel adds), "behaviour" (the ID dot alone; content
-    # reaches the score only through the MoE head). ML-100K, seed 2024, lr 5e-3 (valid R@20,
-    # docs/benchmarks.md "MAGNET's levers"): mean 0.340, learned 0.337, behaviour 0.328;
-    # learned + moe.lr_scale=0.1 0.347
+    # reaches the score only through the MoE head). Single-seed trials only so far (issue 16).
     score_weights: Literal["mean", "learned", "behaviour"] = "mean"
 
     @model_validator(mode="after")
@@ -127,8 +125,8 @@ class MoEConfig(_Section):
     detach_token: bool = False  # MoE gradients do not flow back into the encoder
     # the head's (router, experts, read-out) learning rate = train.lr * lr_scale: the head
     # fits fast and overfits at the embeddings' rate (dense and reference optimisers; with
-    # moe.ep_size > 1 the expert-parallel experts keep train.lr). ML-100K, lr 5e-3: 0.1 peaks
-    # later (epoch 20 against 12) and higher (valid R@20 0.343 against 0.340)
+    # moe.ep_size > 1 the expert-parallel experts keep train.lr). Single-seed trials only so
+    # far (issue 16).
     lr_scale: float = Field(1.0, gt=0)
 
 

@@ -22,9 +22,10 @@ from magnet_dist.train.step_clock import StepClock
 
 @dataclass
 class Optimizers:
-    """Every optimizer of a worker, stepped as one: Adam over the dense parameters, Adam over
-    this rank's experts (with expert parallelism and MoE), DGL's sparse Adam over the
-    embedding rows this worker touched."""
+    """Every optimizer of a worker: Adam over the dense parameters, Adam over this rank's
+    experts (with expert parallelism and MoE), DGL's sparse Adam over the embedding rows this
+    worker touched. The step calls ``step_dense`` and ``sparse.step()`` apart, so the step
+    clock times them apart."""
 
     dense: torch.optim.Optimizer
     expert: torch.optim.Optimizer | None
@@ -35,10 +36,6 @@ class Optimizers:
         for opt in (self.dense, self.expert):
             if opt is not None:
                 opt.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.step_dense()
-        self.sparse.step()
 
     def step_dense(self) -> None:
         for opt in (self.dense, self.expert):

@@ -171,6 +171,10 @@ class TrainConfig(_Section):
     # history_refresh_steps steps (0: at the start of every epoch); train/history.py
     history: bool = False
     history_refresh_steps: int = Field(0, ge=0)
+    # distributed: how DGL's SparseAdam applies a worker's own rows: "in_place" on the
+    # shared-memory partition (graph/dist.py LocalShardAdam), or "kvstore" (DGL's pull/push;
+    # the same arithmetic, slower: kept to measure the difference)
+    sparse_update: Literal["in_place", "kvstore"] = "in_place"
     max_steps_per_epoch: int | None = None
     run_dir: str | None = None  # default: runs/<run_name>
     run_name: str = "quickstart"  # a folder name under runs/ (no path separators, not '..')

@@ -102,6 +102,36 @@ def reference_reps(data, model, user_emb, item_emb, layers: int = LAYERS):
         return model.encode([hop] * layers, emb, feats, is_item, is_item)
 
 
+def compare_update_paths(opt, part: int) -> float:
+    """LocalShardAdam's in-place update against DGL's own SparseAdam.update on the same rows
+    (this partition's, with duplicates, three steps each from the same start): the largest
+    difference in any embedding or Adam-state entry."""
+    from dgl.distributed.optim import SparseAdam
+
+    gen = torch.Generator().manual_seed(part)
+    finals = []
+    for update in (type(opt).update, SparseAdam.update):
+        for emb in opt._params:
+            policy = emb._tensor.part_policy
+            own = torch.nonzero(policy.to_partid(torch.arange(emb.num_embeddings)) == part)[:, 0]
+            tensors = (emb._tensor, *opt._state[emb.name])
+            start = [t[own].clone() for t in tensors]
+            gen.manual_seed(part)
+            for _ in range(3):
+                idx = own[torch.randint(len(own), (2 * len(own),), generator=gen)]
+                grad = torch.randn(len(idx), emb.embedding_dim, generator=gen)
+                update(opt, idx, grad, emb)
+            finals.append([t[own].clone() for t in tensors])
+            for t, rows in zip(tensors, start, strict=True):
+                t[own] = rows
+    half = len(finals) // 2
+    return max(
+        (a - b).abs().max().item()
+        for fast, dgl in zip(finals[:half], finals[half:], strict=True)
+        for a, b in zip(fast, dgl, strict=True)
+    )
+
+
 def main(data_path, part_config, ip_config, part, world, out_path, init_file) -> None:
     from magnet_dist.graph.dist import connect
 
@@ -172,6 +202,8 @@ def main(data_path, part_config, ip_config, part, world, out_path, init_file) ->
         torch.distributed.barrier()
     out["user_delta"] = (client.embeddings("user", torch.arange(u)) - user_emb).numpy()
     out["item_delta"] = (client.embeddings("item", torch.arange(i)) - item_emb).numpy()
+
+    out["update_max_err"] = np.float64(compare_update_paths(opt.opt, part))
 
     # checkpoint: each worker writes its own shard; loading doubled shards doubles every row
     prefix = f"{init_file}-emb"

@@ -175,7 +175,9 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
         )
         model = MagnetModel(cfg, dict(ds.modalities), moe=moe)
         client.init_embeddings(cfg.model.dim, init="xavier", seed=0)
-        emb_opt = client.sparse_optimizer(cfg.train.lr)
+        emb_opt = client.sparse_optimizer(
+            cfg.train.lr, in_place=cfg.train.sparse_update == "in_place"
+        )
         dense, expert = split_parameters(model)
         opts = [torch.optim.Adam(dense, lr=cfg.train.lr)]
         if expert:

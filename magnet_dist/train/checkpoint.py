@@ -51,6 +51,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.cpus_per_worker",
         "train.use_gpu",
         "train.placement_strategy",
+        "train.sparse_update",
         "train.resume_changed_config",
         "trainer.ray_address",
         "trainer.host",

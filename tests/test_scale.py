@@ -280,6 +280,23 @@ def test_summarise_and_markdown_of_fixed_results():
     assert md.endswith("| test.two_stage.recall@20 | 0.1235 |\n")
 
 
+def test_skipped_stages_with_built_output_are_carried_not_dropped(tmp_path):
+    """``--reuse --skip prepare,content,partition``: the built stages stay in the plan as
+    carried entries (their earlier records are kept in results.json; a run that dropped them
+    lost the partition rows and the build-time target of every later report)."""
+    from magnet_dist.bench.scale import parse_args, plan
+
+    args = parse_args(["--quick", "--reuse", "--skip", "prepare,content,partition,evaluate"])
+    stages = plan(args, tmp_path, tmp_path / "data", [])
+    by_name = {s.name: s for s in stages}
+    for name in ("prepare", "content", "partition_1", "partition_2"):
+        assert by_name[name].params is None and by_name[name].reuse is not None, name
+    assert by_name["partition_2"].reuse == tmp_path / "data" / "partitions-2-metis" / (
+        "magnet_partition.json"
+    )
+    assert [s.name for s in stages if s.params is not None] == ["train_w1", "train_w2", "profile"]
+
+
 def test_time_to_quality_paths_and_summary():
     from magnet_dist.bench.time_to_quality import METRIC, parse_path, summarise
 

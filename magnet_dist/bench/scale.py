@@ -174,14 +174,18 @@ def plan(args: argparse.Namespace, out: Path, data: Path, base: list[str]) -> li
     part_counts = sorted({min(w, args.parts) if w > 1 else 1 for w in args.worker_list})
     if "profile" not in skip:
         part_counts = sorted(set(part_counts) | {1})
-    if "partition" not in skip:
-        for n in part_counts:
-            method = args.partition_method if n > 1 else "random"
-            folder = part_dir(args, data, n)
-            params = {"data": str(data), "parts": n, "method": method, "out_dir": str(folder)}
-            stages.append(
-                Stage(f"partition_{n}", params, "partition", reuse=folder / "magnet_partition.json")
+    for n in part_counts:  # with --skip partition, only carried (as prepare and content are)
+        method = args.partition_method if n > 1 else "random"
+        folder = part_dir(args, data, n)
+        params = {"data": str(data), "parts": n, "method": method, "out_dir": str(folder)}
+        stages.append(
+            Stage(
+                f"partition_{n}",
+                None if "partition" in skip else params,
+                "partition",
+                reuse=folder / "magnet_partition.json",
             )
+        )
     if "train" not in skip:
         for w in args.worker_list:
             parts = min(w, args.parts) if w > 1 else 1

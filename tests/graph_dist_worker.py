@@ -204,6 +204,8 @@ def main(data_path, part_config, ip_config, part, world, out_path, init_file) ->
     out["item_delta"] = (client.embeddings("item", torch.arange(i)) - item_emb).numpy()
 
     out["update_max_err"] = np.float64(compare_update_paths(opt.opt, part))
+    if world > 1:  # its rows are back only now: the other worker reads them below
+        torch.distributed.barrier()
 
     # checkpoint: each worker writes its own shard; loading doubled shards doubles every row
     prefix = f"{init_file}-emb"

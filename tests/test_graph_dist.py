@@ -390,25 +390,26 @@ def test_ray_ending_a_worker_leaves_its_graph_server_to_us(
     part_config = partition(graph_data[0], 1, tmp_path / "parts")
     reported = tmp_path / "reported"
     env = {k: "1" for k in RAY_WORKER_ENV} if ray_kills_children else {}
-    port = free_base_port()
-    segments = f"*{shm_tag(0, port)}"
 
     @ray.remote(num_cpus=0, runtime_env={"env_vars": env})
     class ServerOwner:
-        def start(self) -> int:
+        def start(self) -> tuple[int, int]:
+            # the port is picked once Ray's own processes hold theirs (one picked before the
+            # cluster started was once taken by the raylet)
+            port = free_base_port()
             self.servers = start_servers(part_config, "127.0.0.1", port, log_dir=tmp_path / "logs")
             self.servers.watch(lambda part, code, message: reported.write_text(message))
-            return self.servers.pids[0]
+            return self.servers.pids[0], port
 
     with ray_cluster(load_config(overrides=["train.workers=1"])):
         owner = ServerOwner.remote()
-        pid = ray.get(owner.start.remote(), timeout=120)
+        pid, port = ray.get(owner.start.remote(), timeout=120)
         ray.kill(owner)
         try:
             psutil.Process(pid).wait(timeout=20)
         except psutil.NoSuchProcess:
             pass
-    left = sorted(p.name for p in Path("/dev/shm").glob(segments))
+    left = sorted(p.name for p in Path("/dev/shm").glob(f"*{shm_tag(0, port)}"))
     _remove_shm_segments(shm_tag(0, port))  # a SIGKILLed server's (ray-default) stay behind
     assert not psutil.pid_exists(pid), "the graph server outlived its worker"
     ended_itself = "parent process" in (tmp_path / "logs" / "server-0.log").read_text()

@@ -175,9 +175,7 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
         )
         model = MagnetModel(cfg, dict(ds.modalities), moe=moe)
         client.init_embeddings(cfg.model.dim, init="xavier", seed=0)
-        emb_opt = client.sparse_optimizer(
-            cfg.train.lr, in_place=cfg.train.sparse_update == "in_place"
-        )
+        emb_opt = client.sparse_optimizer(cfg.train.lr, update=cfg.train.sparse_update)
         dense, expert = split_parameters(model)
         opts = [torch.optim.Adam(dense, lr=cfg.train.lr)]
         if expert:

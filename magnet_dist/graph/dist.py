@@ -401,10 +401,11 @@ class GraphClient:
         lr: float,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
-        in_place: bool = True,
+        update: str = "in_place",
     ) -> EmbeddingOptimizer:
-        """DGL's distributed SparseAdam over both embeddings (collective); ``in_place``: its
-        update on the worker's own shared-memory rows (:class:`LocalShardAdam`).
+        """DGL's distributed SparseAdam over both embeddings (collective); ``update``
+        (``train.sparse_update``): "in_place" on the worker's own shared-memory rows
+        (:class:`LocalShardAdam`), "kvstore" DGL's own.
 
         Needs torch.distributed initialised (even with one process); DGL sends partition p's gradients to torch rank
         ``p * k .. p * k + k - 1`` (k = world_size / num_parts): rank // k must be part_id."""
@@ -423,7 +424,7 @@ class GraphClient:
                 "the partitions and part_id = rank // (world_size // num_parts)"
             )
         with watchdog(self.timeout_s, "creating the sparse optimizer state"):
-            opt = (LocalShardAdam if in_place else SparseAdam)(
+            opt = {"in_place": LocalShardAdam, "kvstore": SparseAdam}[update](
                 [self.user_emb, self.item_emb], lr=lr, betas=betas, eps=eps
             )
         return EmbeddingOptimizer(opt)

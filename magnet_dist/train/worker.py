@@ -115,7 +115,7 @@ def build_worker_run(
     model = MagnetModel(cfg, dict(ds.modalities), moe=moe).to(device)
     broadcast_parameters(model)
     client.init_embeddings(cfg.model.dim, init="xavier", seed=cfg.train.seed)
-    emb_opt = client.sparse_optimizer(cfg.train.lr, in_place=cfg.train.sparse_update == "in_place")
+    emb_opt = client.sparse_optimizer(cfg.train.lr, update=cfg.train.sparse_update)
     dense_params, expert_params = split_parameters(model)
     expert_ids = {id(p) for p in expert_params}
     dense_groups = [

@@ -297,6 +297,22 @@ def test_skipped_stages_with_built_output_are_carried_not_dropped(tmp_path):
     assert [s.name for s in stages if s.params is not None] == ["train_w1", "train_w2", "profile"]
 
 
+def test_reused_stage_carries_the_record_kept_beside_its_output(tmp_path):
+    """A reused stage's record comes from the last results.json, else from the file its own
+    run left beside the output; with neither, nothing is invented."""
+    from magnet_dist.bench.scale import Stage, carried_record, record_file
+
+    folder = tmp_path / "partitions-2-metis"
+    folder.mkdir()
+    stage = Stage("partition_2", None, "partition", reuse=folder / "magnet_partition.json")
+    assert record_file(stage).parent == folder
+    assert carried_record(stage, {}) is None
+    record_file(stage).write_text(json.dumps({"stage": "partition_2", "wall_s": 84.5}))
+    assert carried_record(stage, {}) == {"stage": "partition_2", "wall_s": 84.5, "reused": True}
+    newer = {"partition_2": {"stage": "partition_2", "wall_s": 80.0}}
+    assert carried_record(stage, newer)["wall_s"] == 80.0
+
+
 def test_time_to_quality_paths_and_summary():
     from magnet_dist.bench.time_to_quality import METRIC, parse_path, summarise
 

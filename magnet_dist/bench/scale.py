@@ -148,6 +148,25 @@ class Stage:
     skip_note: str = ""
 
 
+def record_file(stage: Stage) -> Path:
+    """Where a reusable stage's record is kept, beside the output it describes: a later
+    ``--reuse`` carries it from there when results.json no longer has it (an invocation that
+    did not plan the stage rewrote results.json without it)."""
+    assert stage.reuse is not None
+    return stage.reuse.with_name(f".scale-record-{stage.name}.json")
+
+
+def carried_record(stage: Stage, previous: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The record a reused stage carries: the last results.json's, else the one kept beside
+    the stage's output (None: neither exists; the stage's row is then missing)."""
+    if stage.name in previous:
+        return {**previous[stage.name], "reused": True}
+    file = record_file(stage)
+    if file.is_file():
+        return {**json.loads(file.read_text()), "reused": True}
+    return None
+
+
 def part_dir(args: argparse.Namespace, data: Path, n: int) -> Path:
     method = args.partition_method if n > 1 else "random"
     return data / f"partitions-{n}-{method}"
@@ -334,8 +353,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for stage in plan(args, out, data, base):
         if args.reuse and stage.reuse is not None and stage.reuse.is_file():
-            if stage.carry and stage.name in previous:
-                add({**previous[stage.name], "reused": True})
+            record = carried_record(stage, previous) if stage.carry else None
+            if record is not None:
+                add(record)
             continue
         params = stage.params(results["stages"]) if callable(stage.params) else stage.params
         if params is None:
@@ -344,7 +364,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         if stage.fresh is not None:
             shutil.rmtree(stage.fresh, ignore_errors=True)
-        add(run_in_child(stage.name, params, out, log, stage.func))
+        record = add(run_in_child(stage.name, params, out, log, stage.func))
+        if stage.reuse is not None and record.get("status") == "ok":
+            record_file(stage).write_text(json.dumps(record, indent=2, default=str) + "\n")
     results["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     save()
     print(markdown(results))

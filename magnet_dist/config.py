@@ -175,6 +175,13 @@ class TrainConfig(_Section):
     # shared-memory partition (graph/dist.py LocalShardAdam), or "kvstore" (DGL's pull/push;
     # the same arithmetic, slower: kept to measure the difference)
     sparse_update: Literal["in_place", "kvstore"] = "in_place"
+    # distributed: where a worker's seeds in its own partition are neighbour-sampled: "server"
+    # (an RPC to its partition's server, like the other partitions' seeds), or "in_process" from
+    # the partition's graph, which its server (same host) shares in /dev/shm. The same sample
+    # either way with one sampling thread (seeded per partition). in_process saves no work (the
+    # sampling itself is the cost, not the RPC) and moves it from the server's core onto the
+    # worker's: slower on 2 cores (docs/benchmarks.md, run 8)
+    local_sampling: Literal["server", "in_process"] = "server"
     max_steps_per_epoch: int | None = None
     run_dir: str | None = None  # default: runs/<run_name>
     run_name: str = "quickstart"  # a folder name under runs/ (no path separators, not '..')

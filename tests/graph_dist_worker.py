@@ -102,6 +102,28 @@ def reference_reps(data, model, user_emb, item_emb, layers: int = LAYERS):
         return model.encode([hop] * layers, emb, feats, is_item, is_item)
 
 
+def sampled_edges(blocks, num_users: int) -> list[list[tuple]]:
+    """Each hop's edges as sorted (src, dst, norms) in global node ids (items after users):
+    independent of the order in which the partitions' samples were merged."""
+    nodes = torch.cat([blocks.input_users, num_users + blocks.input_items])
+    hops = []
+    for h in blocks.hops:
+        dst_nodes = nodes[h.dst_in_src]
+        hops.append(
+            sorted(
+                zip(
+                    nodes[h.src].tolist(),
+                    dst_nodes[h.dst].tolist(),
+                    h.norm_observed.round(decimals=6).tolist(),
+                    h.norm_augmented.round(decimals=6).tolist(),
+                    strict=True,
+                )
+            )
+        )
+        nodes = dst_nodes
+    return hops
+
+
 def compare_update_paths(opt, part: int) -> float:
     """LocalShardAdam's in-place update against DGL's own SparseAdam.update on the same rows
     (this partition's, with duplicates, three steps each from the same start): the largest
@@ -141,7 +163,7 @@ def main(data_path, part_config, ip_config, part, world, out_path, init_file) ->
     torch.distributed.init_process_group(  # DGL's SparseAdam needs a process group
         "gloo", init_method=f"file://{init_file}", rank=part, world_size=world
     )
-    client = connect(part_config, ip_config, part, timeout_s=60)
+    client = connect(part_config, ip_config, part, timeout_s=60, shared_graph=True)
     out = {}
     train_u, train_i = client.train_edges()
     out["train_users"], out["train_items"] = train_u.numpy(), train_i.numpy()
@@ -190,6 +212,17 @@ def main(data_path, part_config, ip_config, part, world, out_path, init_file) ->
             for sel in (h.norm_observed > 0, h.norm_observed == 0)
         )
     )
+
+    # the seeds of this worker's own partition are sampled in this process, from the graph its
+    # server shares in /dev/shm; the sample equals the one the servers give for the same seed
+    out["shared_graph"] = np.bool_(client.g.local_partition is not None)
+    in_process = sampled_edges(client.sample_blocks(seed_users, seed_items, [2, 2], seed=11), u)
+    shared, client.g._g = client.g._g, None  # DGL's switch for the local path
+    via_servers = sampled_edges(client.sample_blocks(seed_users, seed_items, [2, 2], seed=11), u)
+    client.g._g = shared
+    other_seed = sampled_edges(client.sample_blocks(seed_users, seed_items, [2, 2], seed=12), u)
+    out["same_sample"] = np.bool_(in_process == via_servers)
+    out["seed_changes_sample"] = np.bool_(in_process != other_seed)
 
     # one SparseAdam step: rows touched by any worker move by ~ -lr, the others stay
     opt = client.sparse_optimizer(lr=0.1)

@@ -60,7 +60,13 @@ def run_cluster(tmp_path: Path, graph_data, parts: int) -> list[dict]:
     part_config = partition(data, parts, tmp_path / f"parts{parts}")
     port = free_base_port(count=parts)
     servers = start_servers(
-        part_config, "127.0.0.1", port, num_clients=parts, log_dir=tmp_path / "logs", timeout_s=60
+        part_config,
+        "127.0.0.1",
+        port,
+        num_clients=parts,
+        log_dir=tmp_path / "logs",
+        timeout_s=60,
+        share_graph=True,
     )
     with servers:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -111,6 +117,8 @@ def check_results(data, results: list[dict]) -> None:
         assert r["sampled_max_err"] < 1e-5
         assert r["full_reps_max_err"] < 1e-5
         assert r["max_in_edges"] <= 2
+        # own partition sampled in process from the shared graph, the same sample as the servers'
+        assert r["shared_graph"] and r["same_sample"] and r["seed_changes_sample"]
     # (b) every training edge is seen by exactly one worker, nothing else is
     seen = sorted(
         (int(u), int(i))

@@ -7,18 +7,25 @@ DGL 2.1 assumes one partition per machine (DESIGN.md, "DGL distributed on one ho
    segment gets a per-partition suffix (the partition id and its server's port, unique on a host
    while the server lives); a client maps the segments of *its* partition's server, which must
    therefore run on the same host (it reads its partition's data from shared memory).
-   The graph structure and partition book are never shared (servers run with
-   ``disable_shared_mem=True``; clients pass the partition book), and the lookups of a shared
-   graph / partition book are disabled so a stale segment of another run is never picked up.
+   The same goes for the partition's graph structure: a server started with ``share_graph``
+   puts it in /dev/shm under ``<tag>-<graph name>`` (:func:`share_graph`; DGL's own copy, which
+   the servers skip with ``disable_shared_mem=True``, would use the bare graph name), and a
+   client maps it only when asked (``MAGNET_DGL_SHARED_GRAPH=1``, from ``connect(shared_graph=True)``): DGL then samples
+   the seeds of the client's own partition in the client, with no RPC, and sends only the
+   other partitions' seeds to their servers. The partition book is never shared (clients pass
+   it), and with the variable unset no shared graph is looked up, so a stale segment of another
+   run is never picked up.
 2. Every client resolves itself as machine 0 (it matches local IPs against the ip_config), so
    ``edge_split`` and the KV store's "local partition" are wrong for all but one client. Here the
    machine id is the partition id given by magnet_dist.
 
 3. Neighbour sampling runs on the graph servers with the server's own random stream, so what a
    worker samples depends on the order in which every worker's requests reach the server:
-   not reproducible, and not resumable from a checkpoint. Here a sampling request carries a
-   seed chosen by the client (:func:`sampling_seed`, derived from (seed, epoch, step, rank)) and
-   the server reseeds DGL's generator with it before serving that request.
+   not reproducible, and not resumable from a checkpoint. Here each sampling call gets a seed
+   chosen by the client (:func:`sampling_seed`, derived from (seed, epoch, step, rank)); its
+   requests carry it, and whoever samples a partition's seeds (that partition's server, or the
+   client itself from the shared graph) reseeds DGL's generator with (call seed, partition)
+   first. So a sample does not depend on which path served it.
 4. A DGL client installs a C-level SIGINT/SIGTERM handler that logs "User pressed Ctrl+C" and
    calls ``exit(1)`` from inside the signal handler. In a Ray worker, the raylet ends the worker
    with SIGTERM after the run: DGL's handler then ran the process's exit while its threads
@@ -55,6 +62,7 @@ ENV_PART = "MAGNET_DGL_PART"
 ENV_SHM_TAG = "MAGNET_DGL_SHM_TAG"
 ENV_CLIENT_PORTS = "MAGNET_DGL_CLIENT_PORTS"
 ENV_CLIENT_IP = "MAGNET_DGL_CLIENT_IP"
+ENV_SHARED_GRAPH = "MAGNET_DGL_SHARED_GRAPH"
 
 _orig_get_local_machine_id = _rpc_client.get_local_machine_id
 _orig_empty_shared_mem = _ndarray.empty_shared_mem
@@ -68,8 +76,8 @@ _orig_req_process = _Request.process_request
 _orig_register_sig_handler = _rpc.register_sig_handler
 _orig_get_local_usable_addr = _rpc_client.get_local_usable_addr
 
-# client side: the seed of the sampling requests being issued (None: server's own stream)
-_sampling: dict[str, int | None] = {"base": None, "count": 0}
+# client side: the seed of the sampling call being issued (None: the servers' own streams)
+_sampling: dict[str, int | None] = {"base": None, "count": 0, "call": None}
 
 
 def shm_tag(part_id: int, port: int) -> str:
@@ -112,10 +120,33 @@ def _kv_empty_shared_mem(name, is_create, shape, dtype="float32"):
     return _orig_empty_shared_mem(name, is_create, shape, dtype)
 
 
+def shared_graph_name(graph_name: str, tag: str) -> str:
+    """The /dev/shm name of a partition's shared graph structure (its segments start with it)."""
+    return f"{tag}-{graph_name}"
+
+
+def share_graph(g, graph_name: str, tag: str, graph_format):
+    """Put a server's partition graph in shared memory under :func:`shared_graph_name`; the
+    server then serves from that copy (DGL's own copy step, without the per-partition name)."""
+    return _dist_graph._copy_graph_to_shared_mem(
+        g, shared_graph_name(graph_name, tag), graph_format, False
+    )
+
+
 def _graph_from_shm(graph_name, use_graphbolt):
-    if current_tag() is not None:
+    tag = current_tag()
+    if tag is None:
+        return _orig_graph_from_shm(graph_name, use_graphbolt)
+    if os.environ.get(ENV_SHARED_GRAPH) != "1" or use_graphbolt:
         return None
-    return _orig_graph_from_shm(graph_name, use_graphbolt)
+    g = _orig_graph_from_shm(shared_graph_name(graph_name, tag), use_graphbolt)
+    if g is None:
+        raise RuntimeError(
+            f"magnet_dist: the shared graph {shared_graph_name(graph_name, tag)!r} of this "
+            "client's partition is not in /dev/shm: its server must run on this host, "
+            "started with share_graph"
+        )
+    return g
 
 
 def _gpb_from_shm(graph_name):
@@ -131,15 +162,15 @@ def _derive_seed(base: int, count: int) -> int:
 
 @contextmanager
 def sampling_seed(seed: int | None):
-    """Neighbour sampling inside the block is a pure function of ``seed``: every sampling
-    request gets its own seed (``seed`` and the request's position in the block), and the
-    server reseeds with it before sampling, whatever the other clients do meanwhile. A
-    client-local sampling path (a co-located partition in shared memory) is seeded too."""
+    """Neighbour sampling inside the block is a pure function of ``seed``: every sampling call
+    gets its own seed (``seed`` and the call's position in the block), and each partition's
+    seeds are sampled after reseeding with (call seed, partition id), on the server or in the
+    client, whatever the other clients do meanwhile."""
     if seed is None:
         yield
         return
     previous = dict(_sampling)
-    _sampling.update(base=int(seed), count=0)
+    _sampling.update(base=int(seed), count=0, call=None)
     try:
         yield
     finally:
@@ -147,16 +178,24 @@ def sampling_seed(seed: int | None):
 
 
 def next_sampling_seed() -> int | None:
-    """The seed for the next sampling call inside :func:`sampling_seed` (None outside)."""
+    """Start the next sampling call inside :func:`sampling_seed`: its seed, which the call's
+    requests carry (None outside: the servers' own streams)."""
     if _sampling["base"] is None:
+        _sampling["call"] = None
         return None
     _sampling["count"] += 1
-    return _derive_seed(_sampling["base"], _sampling["count"])
+    _sampling["call"] = _derive_seed(_sampling["base"], _sampling["count"])
+    return _sampling["call"]
+
+
+def partition_seed(call_seed: int, part_id: int) -> int:
+    """The generator seed for sampling partition ``part_id``'s seeds in one call."""
+    return _derive_seed(call_seed, int(part_id))
 
 
 def _req_init(self, *args, **kwargs):
     _orig_req_init(self, *args, **kwargs)
-    self.magnet_seed = next_sampling_seed()
+    self.magnet_seed = _sampling["call"]
 
 
 def _req_getstate(self):
@@ -171,7 +210,7 @@ def _req_setstate(self, state):
 def _req_process(self, server_state):
     seed = getattr(self, "magnet_seed", None)
     if seed is not None:
-        _dgl_random.seed(seed)
+        _dgl_random.seed(partition_seed(seed, server_state.partition_book.partid))
     return _orig_req_process(self, server_state)
 
 

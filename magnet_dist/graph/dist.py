@@ -104,10 +104,15 @@ class _DistAccess(GraphAccess):
     def sample_frontier(self, seeds, fanout):
         import dgl
 
-        if self.g.local_partition is not None:  # sampled here, not on a server: seed it too
-            seed = _dgl_patches.next_sampling_seed()
-            if seed is not None:
-                dgl.random.seed(seed)
+        call_seed = _dgl_patches.next_sampling_seed()  # the requests of this call carry it
+        if call_seed is not None and self.g.local_partition is not None:
+            # this partition's seeds are sampled here, from the shared graph: seeded as its
+            # server would seed them
+            part = self.g.get_partition_book().partid
+            dgl.random.seed(_dgl_patches.partition_seed(call_seed, part))
+        # sorted: a partition's sample is then a function of its seed set and the seed, not of
+        # the order in which the previous hop's partitions were merged (local first or not)
+        seeds = {nt: torch.sort(ids).values for nt, ids in seeds.items()}
         frontier = dgl.distributed.sample_etype_neighbors(self.g, seeds, fanout, etype_sorted=True)
         etypes = self.g.canonical_etypes
         if set(frontier.canonical_etypes) == set(etypes):
@@ -609,6 +614,7 @@ def connect(
     timeout_s: float = 120.0,
     client_ports: str | None = None,
     client_ip: str | None = None,
+    shared_graph: bool = False,
 ) -> GraphClient:
     """Connect this process to the graph servers as a client of partition ``part_id``.
 
@@ -617,6 +623,9 @@ def connect(
     ``num_clients`` of them). Call once per process; ``close()`` at the end.
     ``client_ports`` (``"LOW-HIGH"``) / ``client_ip``: where this client listens for the
     servers' connect-back (default: DGL's choice, an ephemeral port on the routed address).
+    ``shared_graph``: sample this partition's seeds in this process from the server's graph in
+    shared memory (no RPC; the other partitions' seeds still go to their servers;
+    ``train.local_sampling: in_process``); False: every seed goes to a server.
     """
     import dgl
     from dgl.distributed import load_partition_book
@@ -649,6 +658,7 @@ def connect(
     for name, value in (
         (_dgl_patches.ENV_CLIENT_PORTS, client_ports),
         (_dgl_patches.ENV_CLIENT_IP, client_ip),
+        (_dgl_patches.ENV_SHARED_GRAPH, "1" if shared_graph else None),
     ):
         if value:
             os.environ[name] = value

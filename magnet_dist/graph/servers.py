@@ -229,7 +229,8 @@ def _remove_shm_segments(tag: str) -> None:
     shm = Path("/dev/shm")
     if not shm.is_dir():
         return
-    for path in shm.glob(f"*{tag}"):
+    # KV-store segments end with the tag, the shared graph's start with it (_dgl_patches)
+    for path in [*shm.glob(f"*{tag}"), *shm.glob(f"{tag}-*")]:
         try:
             path.unlink()
         except OSError:
@@ -248,6 +249,7 @@ def start_servers(
     timeout_s: float = 120.0,
     omp_threads: int = 1,
     bind_host: str | None = None,
+    share_graph: bool = False,
 ) -> ServerGroup:
     """Start the graph servers of ``parts`` (default: all) and wait until they listen.
 
@@ -257,6 +259,8 @@ def start_servers(
     ``bind_host``: the address the servers bind when it is not the one the clients dial
     (``0.0.0.0``); DGL's server binds its own line of the ip_config, so the servers get a copy
     with that line changed. ``omp_threads``: OpenMP / torch threads of each server (sampling).
+    ``share_graph``: each server also puts its partition's graph structure in /dev/shm, for
+    clients that sample their own partition in process (``connect(shared_graph=True)``).
     Raises MagnetError (after stopping what it started) if a port is taken, a server exits, or
     a server does not listen within ``timeout_s``.
     """
@@ -299,7 +303,8 @@ def start_servers(
                     [sys.executable, "-m", "magnet_dist.graph.servers", "--serve"]
                     + ["--part-config", str(part_config), "--ip-config", str(server_ip_config)]
                     + ["--part", str(p), "--num-clients", str(group.num_clients)]
-                    + ["--parent-pid", str(os.getpid())],
+                    + ["--parent-pid", str(os.getpid())]
+                    + (["--share-graph"] if share_graph else []),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -352,12 +357,17 @@ def _wait_listening(group: ServerGroup, parts: list[int], timeout_s: float) -> N
 
 
 def serve(
-    part_config: str, ip_config: str, part: int, num_clients: int, parent_pid: int | None = None
+    part_config: str,
+    ip_config: str,
+    part: int,
+    num_clients: int,
+    parent_pid: int | None = None,
+    share_graph: bool = False,
 ) -> None:
     """Run partition ``part``'s DistGraphServer until a client shuts it down (blocking).
 
     With ``parent_pid``, the server also ends when that process is gone (a killed driver leaves
-    no orphan servers behind)."""
+    no orphan servers behind). ``share_graph``: see :func:`start_servers`."""
     addresses = read_ip_config(ip_config)
     os.environ.update(
         {
@@ -375,6 +385,7 @@ def serve(
 
     tag = _dgl_patches.shm_tag(part, addresses[part].port)
     _dgl_patches.set_partition(part, tag)
+    _remove_shm_segments(tag)  # of a killed server that had this partition and port
     if parent_pid is not None:
         threading.Thread(
             target=_exit_with_parent, args=(parent_pid, tag), daemon=True, name="parent-watch"
@@ -395,6 +406,11 @@ def serve(
         disable_shared_mem=True,
         graph_format=GRAPH_FORMAT.split(","),
     )
+    if share_graph:  # under a per-partition name; the server then samples from that copy
+        graph_name = json.loads(Path(part_config).read_text())["graph_name"]
+        server.client_g = _dgl_patches.share_graph(
+            server.client_g, graph_name, tag, GRAPH_FORMAT.split(",")
+        )
     print(f"magnet_dist: partition {part} loaded, serving {num_clients} clients", flush=True)
     server.start()
     print(f"magnet_dist: partition {part} server exited", flush=True)
@@ -416,8 +432,16 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--part", type=int, required=True)
     parser.add_argument("--num-clients", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, default=None)
+    parser.add_argument("--share-graph", action="store_true")
     args = parser.parse_args(argv)
-    serve(args.part_config, args.ip_config, args.part, args.num_clients, args.parent_pid)
+    serve(
+        args.part_config,
+        args.ip_config,
+        args.part,
+        args.num_clients,
+        args.parent_pid,
+        args.share_graph,
+    )
     return 0
 
 

@@ -52,6 +52,7 @@ RESUMABLE_CHANGES = frozenset(
         "train.use_gpu",
         "train.placement_strategy",
         "train.sparse_update",
+        "train.local_sampling",
         "train.resume_changed_config",
         "trainer.ray_address",
         "trainer.host",

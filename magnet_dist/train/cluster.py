@@ -76,6 +76,7 @@ def graph_cluster(
                 timeout_s=cfg.trainer.server_timeout_s,
                 client_ports=cfg.trainer.client_ports,
                 client_ip=interface_ipv4(cfg.trainer.interface) if cfg.trainer.interface else None,
+                shared_graph=cfg.train.local_sampling == "in_process",
             )
         yield GraphCluster(client, servers)
     except Exception as err:
@@ -199,6 +200,7 @@ def start_partition_server(
             timeout_s=cfg.trainer.server_timeout_s,
             omp_threads=cfg.trainer.server_threads,
             bind_host=bind,
+            share_graph=cfg.train.local_sampling == "in_process",
         )
     dist.barrier()
     return group, ip_config, workdir

@@ -128,3 +128,31 @@ def test_long_bad_value_is_not_echoed_in_full(capsys):
     rc = cli_main(["train", "--print-config", "train.epochs=" + "x" * 100_000])
     err = capsys.readouterr().err
     assert rc == 2 and "train.epochs" in err and len(err) < 1000
+
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_and_the_commands_in_their_headers_load(path):
+    """Every config under configs/ validates, and so does every ``python launch/train.py
+    --config ...`` command its comments show a user (with that command's overrides)."""
+    import re
+    import shlex
+
+    load_config(path)
+    commands = re.findall(r"^#\s+python launch/train\.py (.+)$", path.read_text(), re.M)
+    for command in commands:
+        args = shlex.split(command)
+        assert args[:2] == ["--config", f"configs/{path.name}"], command
+        load_config(path, args[2:])
+
+
+def test_movielens_config_is_the_measured_setting():
+    """configs/movielens.yaml is the setting docs/benchmarks.md measured on MovieLens-100K
+    (the 3-seed table): a changed key must come with a new measurement."""
+    c = load_config(Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml")
+    measured = (c.train.lr, c.model.reg_weight, c.model.layers, c.model.score_weights)
+    assert measured == (5e-3, 1e-3, 2, "behaviour")
+    assert (c.moe.lr_scale, c.moe.weight_decay, c.moe.dropout) == (0.1, 1e-3, 0.2)
+    assert (c.train.epochs, c.train.eval_every, c.train.patience) == (100, 2, 10)

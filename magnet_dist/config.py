@@ -72,7 +72,9 @@ class ModelConfig(_Section):
     # <h_u^m, h_i^m>, so each content channel dilutes the ID dot), "learned" (sum_m w_m <.,.>
     # with w_behaviour = 1 and w_content = 0 at the start: the model starts as the ID LightGCN
     # and learns how much each content channel adds), "behaviour" (the ID dot alone; content
-    # reaches the score only through the MoE head). Single-seed trials only so far (issue 16).
+    # reaches the score only through the MoE head; configs/movielens.yaml). "learned" lets a
+    # free scale on the ID dot undo the L2 on the embeddings (w_behaviour grew to 4.3 on
+    # MovieLens-100K and the run peaked at epoch 16); docs/benchmarks.md (issue 16).
     score_weights: Literal["mean", "learned", "behaviour"] = "mean"
 
     @model_validator(mode="after")

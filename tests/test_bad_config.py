@@ -5,6 +5,8 @@ Unknown keys, wrong types, ``moe.top_k`` > E and ``moe.ep_size`` are in test_cli
 
 from __future__ import annotations
 
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -137,9 +139,6 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 def test_shipped_configs_and_the_commands_in_their_headers_load(path):
     """Every config under configs/ validates, and so does every ``python launch/train.py
     --config ...`` command its comments show a user (with that command's overrides)."""
-    import re
-    import shlex
-
     load_config(path)
     commands = re.findall(r"^#\s+python launch/train\.py (.+)$", path.read_text(), re.M)
     for command in commands:

@@ -12,9 +12,9 @@ DGL 2.1 assumes one partition per machine (DESIGN.md, "DGL distributed on one ho
    the servers skip with ``disable_shared_mem=True``, would use the bare graph name), and a
    client maps it only when asked (``MAGNET_DGL_SHARED_GRAPH=1``, from
    ``connect(shared_graph=True)``): DGL then samples the seeds of the client's own partition
-   in the client, with no RPC, and sends only the other partitions' seeds to their servers. The partition book is never shared (clients pass
-   it), and with the variable unset no shared graph is looked up, so a stale segment of another
-   run is never picked up.
+   in the client, with no RPC, and sends only the other partitions' seeds to their servers.
+   The partition book is never shared (clients pass it), and with the variable unset no shared
+   graph is looked up, so a stale segment of another run is never picked up.
 2. Every client resolves itself as machine 0 (it matches local IPs against the ip_config), so
    ``edge_split`` and the KV store's "local partition" are wrong for all but one client. Here the
    machine id is the partition id given by magnet_dist.

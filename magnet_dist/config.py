@@ -222,6 +222,12 @@ class TrainConfig(_Section):
             )
         return value
 
+    @property
+    def shares_graph(self) -> bool:
+        """The graph servers share their partition's structure in /dev/shm and each worker
+        samples its own partition from it (``local_sampling: in_process``)."""
+        return self.local_sampling == "in_process"
+
 
 class TrainerConfig(_Section):
     mode: Literal["reference", "distributed"] = "reference"

@@ -135,12 +135,12 @@ def stage_profile(p: dict[str, Any]) -> dict[str, Any]:
     port = free_base_port("127.0.0.1", count=2)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port + 1}", world_size=1, rank=0)
     t0 = time.perf_counter()
-    in_process = cfg.train.local_sampling == "in_process"
+    shares_graph = cfg.train.shares_graph
     servers = start_servers(
-        p["part_config"], base_port=port, num_clients=1, timeout_s=300, share_graph=in_process
+        p["part_config"], base_port=port, num_clients=1, timeout_s=300, share_graph=shares_graph
     )
     client = connect(
-        p["part_config"], servers.ip_config, 0, 1, timeout_s=300, shared_graph=in_process
+        p["part_config"], servers.ip_config, 0, 1, timeout_s=300, shared_graph=shares_graph
     )
     setup = {"servers_and_connect_s": round(time.perf_counter() - t0, 2)}
     timers: dict[str, float] = {}

@@ -76,7 +76,7 @@ def graph_cluster(
                 timeout_s=cfg.trainer.server_timeout_s,
                 client_ports=cfg.trainer.client_ports,
                 client_ip=interface_ipv4(cfg.trainer.interface) if cfg.trainer.interface else None,
-                shared_graph=cfg.train.local_sampling == "in_process",
+                shared_graph=cfg.train.shares_graph,
             )
         yield GraphCluster(client, servers)
     except Exception as err:
@@ -200,7 +200,7 @@ def start_partition_server(
             timeout_s=cfg.trainer.server_timeout_s,
             omp_threads=cfg.trainer.server_threads,
             bind_host=bind,
-            share_graph=cfg.train.local_sampling == "in_process",
+            share_graph=cfg.train.shares_graph,
         )
     dist.barrier()
     return group, ip_config, workdir

@@ -153,5 +153,5 @@ def test_movielens_config_is_the_measured_setting():
     c = load_config(Path(__file__).resolve().parents[1] / "configs" / "movielens.yaml")
     measured = (c.train.lr, c.model.reg_weight, c.model.layers, c.model.score_weights)
     assert measured == (5e-3, 1e-3, 2, "behaviour")
-    assert (c.moe.lr_scale, c.moe.weight_decay, c.moe.dropout) == (0.1, 1e-3, 0.2)
+    assert (c.moe.top_k, c.moe.lr_scale, c.moe.weight_decay, c.moe.dropout) == (1, 0.1, 1e-3, 0.2)
     assert (c.train.epochs, c.train.eval_every, c.train.patience) == (100, 2, 10)

@@ -164,6 +164,9 @@ def test_port_in_use_is_a_clear_error(tmp_path, graph_data):
     part_config = partition(data, 2, tmp_path / "parts")
     port = free_base_port(count=2)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # as check_port_free binds: an earlier test's connection in TIME_WAIT on port + 1
+        # (free for a server) must not fail this bind (CI saw EADDRINUSE here once)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(("127.0.0.1", port + 1))
         sock.listen(1)
         with pytest.raises(MagnetError, match=f"port {port + 1} on 127.0.0.1 is already in use"):

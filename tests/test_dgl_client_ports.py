@@ -22,6 +22,8 @@ def test_without_settings_dgl_chooses(monkeypatch):
 def test_port_comes_from_the_configured_range_and_skips_taken_ones(monkeypatch):
     low = free_base_port("127.0.0.1", count=2)
     with socket.socket() as taken:
+        # free_base_port's check allows TIME_WAIT connections on the port; so must this bind
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         taken.bind(("127.0.0.1", low))
         taken.listen(1)
         monkeypatch.setenv(_dgl_patches.ENV_CLIENT_PORTS, f"{low}-{low + 1}")

@@ -176,32 +176,38 @@ def test_all_k_in_range_work():
 
 
 def test_loss_groups_each_users_tokens_so_capacity_drops_do_not_track_the_label():
-    """In the loss, a user's negatives follow its positive in the MoE's token order; with the
-    order [all positives; all negatives] capacity drops would fall on the negatives only."""
+    """With a capacity factor, a user's negatives follow its positive in the MoE's token order
+    (with the order [all positives; all negatives] capacity drops would fall on the negatives
+    only); without one nothing is dropped, the order is left as it is, and the loss is the BPR of
+    scoring positives and negatives separately."""
     from magnet_dist.model.magnet import MagnetModel, pair_grouped_order
     from magnet_dist.model.schedule import ScheduleState
 
     assert pair_grouped_order(3, 2).tolist() == [0, 3, 4, 1, 5, 6, 2, 7, 8]
-    cfg = load_config(overrides=["model.dim=4"])
-    torch.manual_seed(0)
-    model = MagnetModel(cfg, {"visual": 3, "text": 3})
-    torch.nn.init.normal_(model.readout.weight)
-    reps = lambda n: {m: torch.randn(n, 4) for m in model.modalities}  # noqa: E731
+    reps = lambda n: {m: torch.randn(n, 4) for m in ("behaviour", "visual", "text")}  # noqa: E731
     hu, hpos, hneg = reps(5), reps(5), reps(10)
-    out = model.loss(hu, hpos, hneg, torch.zeros(1, 4), ScheduleState())
-    # the same BPR as scoring positives and negatives separately (no capacity: order-free)
-    pos, _ = model.score(hu, hpos)
-    neg, _ = model.score({m: v.repeat_interleave(2, 0) for m, v in hu.items()}, hneg)
-    want = torch.nn.functional.softplus(neg - pos.repeat_interleave(2)).mean()
-    assert out.bpr.item() == pytest.approx(want.item(), rel=1e-5)
-    # what the MoE saw: grouped rows (user 0's positive, its two negatives, user 1's, ...)
-    seen = []
-    moe_forward = model.moe.forward
-    model.moe.forward = lambda x, explore=False: (seen.append(x), moe_forward(x, explore))[1]
-    model.loss(hu, hpos, hneg, torch.zeros(1, 4), ScheduleState())
-    assert torch.equal(
-        seen[0][1], model.token({m: hu[m][:1] for m in hu}, {m: hneg[m][:1] for m in hneg})[0]
-    )
+    hu_rep = {m: v.repeat_interleave(2, 0) for m, v in hu.items()}
+    row = lambda reps, r: {m: v[r : r + 1] for m, v in reps.items()}  # noqa: E731
+    for capacity in (None, 1.0):
+        extra = [] if capacity is None else [f"moe.capacity_factor={capacity}"]
+        torch.manual_seed(0)
+        model = MagnetModel(
+            load_config(overrides=["model.dim=4", *extra]), {"visual": 3, "text": 3}
+        )
+        torch.nn.init.normal_(model.readout.weight)
+        seen = []
+        moe_forward = model.moe.forward
+        model.moe.forward = lambda x, explore=False: (seen.append(x), moe_forward(x, explore))[1]  # noqa: B023
+        out = model.loss(hu, hpos, hneg, torch.zeros(1, 4), ScheduleState())
+        if capacity is None:  # [all positives; all negatives]: row 1 is user 1's positive
+            assert torch.equal(seen[0][1], model.token(row(hu, 1), row(hpos, 1))[0])
+            pos, _ = model.score(hu, hpos)
+            neg, _ = model.score(hu_rep, hneg)
+            want = torch.nn.functional.softplus(neg - pos.repeat_interleave(2)).mean()
+            assert out.bpr.item() == pytest.approx(want.item(), rel=1e-5)
+        else:  # grouped: row 1 is user 0's first negative
+            assert torch.equal(seen[0][1], model.token(row(hu, 0), row(hneg, 0))[0])
+            assert out.stats.dropped.item() > 0  # the capacity path ran
 
 
 def _loop_mixture(moe, tokens, routing):

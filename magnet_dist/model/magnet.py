@@ -69,7 +69,11 @@ class MagnetModel(nn.Module):
     def token(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         """Interaction-conditioned query ``x = [z_b; z_c1; ...]`` with ``z_m = h_u^m * h_i^m``
         (each z_m RMS-normalised per token when ``moe.token_norm="all"``)."""
-        x = torch.cat([hu[m] * hi[m] for m in self.modalities], dim=1)
+        return self.token_of(interactions(hu, hi))
+
+    def token_of(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`token` from the products ``z_m`` (:func:`interactions`)."""
+        x = torch.cat([z[m] for m in self.modalities], dim=1)
         if self.cfg.moe.detach_token:
             x = x.detach()
         if self.cfg.moe.token_norm == "all":
@@ -88,10 +92,17 @@ class MagnetModel(nn.Module):
         return torch.full((n,), 1.0 / n)
 
     def dot_score(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
-        dots = torch.stack([(hu[m] * hi[m]).sum(1) for m in self.modalities])
-        if self.cfg.model.score_weights == "mean":
+        return self.dot_score_of(interactions(hu, hi))
+
+    def dot_score_of(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`dot_score` from the products ``z_m`` (:func:`interactions`)."""
+        mode = self.cfg.model.score_weights
+        if mode == "behaviour" or len(self.modalities) == 1:
+            return z[self.modalities[0]].sum(1)  # the other weights are 0
+        dots = torch.stack([z[m].sum(1) for m in self.modalities])
+        if mode == "mean":
             return dots.mean(0)
-        return (self.dot_weights().to(dots) @ dots) if dots.shape[0] > 1 else dots[0]
+        return self.dot_weights().to(dots) @ dots
 
     def dot_matrix(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         """The base score of every (user row, item row) pair, ``[n_u, n_i]``."""
@@ -108,10 +119,11 @@ class MagnetModel(nn.Module):
     ) -> tuple[torch.Tensor, RoutingStats | None]:
         """``y = sum_m w_m <h_u^m, h_i^m> + w^T sum_k g_k f_k(x_k)`` for aligned rows of hu, hi
         (``w_m = 1/M`` by default, see :meth:`dot_weights`)."""
-        y = self.dot_score(hu, hi)
+        z = interactions(hu, hi)  # shared by the base score and the token
+        y = self.dot_score_of(z)
         if self.moe is None:
             return y, None
-        mixture, stats = self.moe(self.token(hu, hi), explore)
+        mixture, stats = self.moe(self.token_of(z), explore)
         return y + self.readout(mixture).squeeze(1), stats
 
     def loss(
@@ -128,15 +140,21 @@ class MagnetModel(nn.Module):
         n = next(iter(hu.values())).shape[0]
         n_neg = next(iter(hneg.values())).shape[0] // n
         hu_rep = {m: v.repeat_interleave(n_neg, 0) for m, v in hu.items()} if n_neg > 1 else hu
-        # tokens grouped per user (its positive, then its negatives): with a capacity factor the
-        # tokens at the end of an expert's queue are dropped, and in [all positives; all
-        # negatives] order those would be the negatives, so the head would learn from drops that
-        # track the label; grouped, a drop falls on a whole (u, i+, i-) group alike
-        order = pair_grouped_order(n, n_neg, hpos[self.modalities[0]].device)
-        both_u = {m: torch.cat([hu[m], hu_rep[m]])[order] for m in self.modalities}
-        both_i = {m: torch.cat([hpos[m], hneg[m]])[order] for m in self.modalities}
-        grouped, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
-        scores = torch.empty_like(grouped).index_copy(0, order, grouped)
+        both_u = {m: torch.cat([hu[m], hu_rep[m]]) for m in self.modalities}
+        both_i = {m: torch.cat([hpos[m], hneg[m]]) for m in self.modalities}
+        if self.moe is not None and self.cfg.moe.capacity_factor is not None:
+            # tokens grouped per user (its positive, then its negatives): with a capacity factor
+            # the tokens at the end of an expert's queue are dropped, and in [all positives; all
+            # negatives] order those would be the negatives, so the head would learn from drops
+            # that track the label; grouped, a drop falls on a whole (u, i+, i-) group alike.
+            # Without one no token is dropped and the order changes nothing (2 gathers saved).
+            order = pair_grouped_order(n, n_neg, hpos[self.modalities[0]].device)
+            both_u = {m: v[order] for m, v in both_u.items()}
+            both_i = {m: v[order] for m, v in both_i.items()}
+            grouped, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
+            scores = torch.empty_like(grouped).index_copy(0, order, grouped)
+        else:
+            scores, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
         pos = scores[:n].repeat_interleave(n_neg)
         neg = scores[n:]
         bpr = F.softplus(neg - pos).mean()
@@ -147,6 +165,13 @@ class MagnetModel(nn.Module):
                 stats = stats.reduce(reduce_stats)
             route = routing_loss(stats, state, self.cfg.routing)
         return LossOutput(bpr + reg + route, bpr, reg, route, stats)
+
+
+def interactions(
+    hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``z_m = h_u^m * h_i^m`` per modality, for aligned rows of ``hu`` and ``hi``."""
+    return {m: hu[m] * hi[m] for m in hu}
 
 
 def pair_grouped_order(n: int, n_neg: int, device=None) -> torch.Tensor:

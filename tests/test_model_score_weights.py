@@ -83,7 +83,7 @@ def test_learned_content_weights_get_a_gradient_from_zero():
     assert torch.allclose(model.dot_matrix(hu, hi).diagonal(), want, atol=1e-6)
 
 
-@pytest.mark.parametrize("weights", ["mean", "learned"])
+@pytest.mark.parametrize("weights", ["mean", "learned", "behaviour"])
 def test_retrieval_vectors_give_the_dot_score(weights):
     """Two-stage retrieval ranks by the inner product of these vectors: it must equal the
     model's base score, also with a negative learned weight."""
@@ -97,6 +97,11 @@ def test_retrieval_vectors_give_the_dot_score(weights):
     run = LoadedRun(None, cfg, None, model, hu, hi, None)
     u, i = run.retrieval_vectors()
     assert torch.allclose(torch.from_numpy(u @ i.T), model.dot_matrix(hu, hi), atol=1e-5)
+    assert torch.allclose(
+        model.dot_matrix(hu, hi)[:, 0],
+        model.dot_score(hu, {m: v[:1].expand(NU, -1) for m, v in hi.items()}),
+        atol=1e-5,
+    )
 
 
 def test_head_learning_rate_scale():

@@ -94,18 +94,26 @@ class MagnetModel(nn.Module):
     def dot_score(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.dot_score_of(interactions(hu, hi))
 
+    @property
+    def behaviour_only(self) -> bool:
+        """The base score is the ID channel's dot product alone (every other ``w_m`` is 0), so
+        the other channels' products need not be computed."""
+        return self.cfg.model.score_weights == "behaviour" or len(self.modalities) == 1
+
     def dot_score_of(self, z: dict[str, torch.Tensor]) -> torch.Tensor:
         """:meth:`dot_score` from the products ``z_m`` (:func:`interactions`)."""
-        mode = self.cfg.model.score_weights
-        if mode == "behaviour" or len(self.modalities) == 1:
-            return z[self.modalities[0]].sum(1)  # the other weights are 0
+        if self.behaviour_only:
+            return z[self.modalities[0]].sum(1)
         dots = torch.stack([z[m].sum(1) for m in self.modalities])
-        if mode == "mean":
+        if self.cfg.model.score_weights == "mean":
             return dots.mean(0)
         return self.dot_weights().to(dots) @ dots
 
     def dot_matrix(self, hu: dict[str, torch.Tensor], hi: dict[str, torch.Tensor]) -> torch.Tensor:
         """The base score of every (user row, item row) pair, ``[n_u, n_i]``."""
+        if self.behaviour_only:
+            b = self.modalities[0]
+            return hu[b] @ hi[b].t()
         if self.cfg.model.score_weights == "mean":
             return torch.stack([hu[m] @ hi[m].t() for m in self.modalities]).mean(0)
         w = self.dot_weights()
@@ -142,6 +150,7 @@ class MagnetModel(nn.Module):
         hu_rep = {m: v.repeat_interleave(n_neg, 0) for m, v in hu.items()} if n_neg > 1 else hu
         both_u = {m: torch.cat([hu[m], hu_rep[m]]) for m in self.modalities}
         both_i = {m: torch.cat([hpos[m], hneg[m]]) for m in self.modalities}
+        order = None
         if self.moe is not None and self.cfg.moe.capacity_factor is not None:
             # tokens grouped per user (its positive, then its negatives): with a capacity factor
             # the tokens at the end of an expert's queue are dropped, and in [all positives; all
@@ -151,10 +160,9 @@ class MagnetModel(nn.Module):
             order = pair_grouped_order(n, n_neg, hpos[self.modalities[0]].device)
             both_u = {m: v[order] for m, v in both_u.items()}
             both_i = {m: v[order] for m, v in both_i.items()}
-            grouped, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
-            scores = torch.empty_like(grouped).index_copy(0, order, grouped)
-        else:
-            scores, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
+        scores, stats = self.score(both_u, both_i, explore=state.stage == COVERAGE)
+        if order is not None:  # back to [positives; negatives]
+            scores = torch.empty_like(scores).index_copy(0, order, scores)
         pos = scores[:n].repeat_interleave(n_neg)
         neg = scores[n:]
         bpr = F.softplus(neg - pos).mean()

@@ -97,6 +97,8 @@ def test_retrieval_vectors_give_the_dot_score(weights):
     run = LoadedRun(None, cfg, None, model, hu, hi, None)
     u, i = run.retrieval_vectors()
     assert torch.allclose(torch.from_numpy(u @ i.T), model.dot_matrix(hu, hi), atol=1e-5)
+    # the index holds only the blocks the score reads: the ID block alone in behaviour mode
+    assert u.shape[1] == i.shape[1] == D * (1 if weights == "behaviour" else 3)
     assert torch.allclose(
         model.dot_matrix(hu, hi)[:, 0],
         model.dot_score(hu, {m: v[:1].expand(NU, -1) for m, v in hi.items()}),

@@ -58,10 +58,15 @@ class LoadedRun:
 
         ``dot_score = sum_m w_m <h_u^m, h_i^m>`` (``w_m = 1/M`` by default): concatenating h^m
         over modalities, each block scaled by ``sqrt|w_m|`` on both sides and by the sign of
-        ``w_m`` on the user side, gives ``<u, i> = sum_m w_m <h_u^m, h_i^m>``.
+        ``w_m`` on the user side, gives ``<u, i> = sum_m w_m <h_u^m, h_i^m>``. When the score is
+        the ID dot alone (``score_weights=behaviour``) the vectors are the ID block alone, not M
+        blocks of which M - 1 are zeros (an index M times narrower).
         """
         mods = self.model.modalities
-        if self.model.cfg.model.score_weights == "mean":
+        if self.model.behaviour_only:
+            b = mods[0]
+            u, i = self.user_reps[b], self.item_reps[b]
+        elif self.model.cfg.model.score_weights == "mean":
             scale = 1.0 / math.sqrt(len(mods))
             u = torch.cat([self.user_reps[m] for m in mods], dim=1) * scale
             i = torch.cat([self.item_reps[m] for m in mods], dim=1) * scale

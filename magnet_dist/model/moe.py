@@ -64,6 +64,6 @@ def expert_mixture(
         assign = live[torch.argsort(flat[live], stable=True)]
     counts = torch.bincount(flat[assign], minlength=len(experts)).tolist()
     tok = torch.div(assign, k, rounding_mode="floor")
-    y = grouped_expert_outputs(list(experts), tokens[tok], counts)
+    y = grouped_expert_outputs(list(experts), tokens.index_select(0, tok), counts)
     y = y * routing.combine.reshape(-1)[assign].unsqueeze(1)
     return tokens.new_zeros(n, dim).index_add(0, tok, y)

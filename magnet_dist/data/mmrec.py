@@ -5,6 +5,9 @@ MMRec (https://github.com/enoche/MMRec) keeps one folder per dataset with
   (0 train, 1 valid, 2 test) and usually ``rating``, ``timestamp``; ids 0-based;
 - ``image_feat.npy`` / ``text_feat.npy``: float ``[num_items, d]``, row i = item i.
 They become the modalities ``visual`` and ``text`` (in that order); sizes come from the files.
+
+:func:`export_mmrec` writes a prepared dataset back in this layout, so MMRec's own models train
+and are scored on exactly the split magnet_dist uses (``launch/export_mmrec.py``).
 """
 
 from __future__ import annotations
@@ -144,3 +147,43 @@ def import_mmrec(
         "duplicates_merged": n_dup,
         "details": {"inter_file": file.name, "feature_files": dict(FEATURE_FILES)},
     }
+
+
+def export_mmrec(ds: Any, out: Path, image: str | None, text: str | None) -> dict[str, Any]:
+    """Write dataset ``ds`` in MMRec's layout under ``out`` (MMRec's dataset name is the folder
+    name): ``<name>.inter`` with every interaction and its split as ``x_label`` (0 train,
+    1 valid, 2 test), and the modalities ``image`` / ``text`` as ``image_feat.npy`` /
+    ``text_feat.npy`` (MMRec has those two slots; either may be None). Refuses a non-empty
+    ``out``. The inverse of :func:`import_mmrec` for one or two modalities."""
+    chosen = {"image": image, "text": text}
+    if not any(chosen.values()):
+        raise DataError("export to MMRec: name at least one modality (--image and/or --text)")
+    for slot, name in chosen.items():
+        if name is not None and name not in ds.modalities:
+            raise DataError(
+                f"{ds.path}: no modality {name!r} for MMRec's {slot} slot; "
+                f"it has {list(ds.modalities)}"
+            )
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise DataError(f"{out}: exists and is not empty; choose a new folder")
+    columns: dict[str, list[np.ndarray]] = {USER: [], ITEM: [], LABEL: []}
+    if ds.has_timestamp:  # MMRec does not read it; kept so an import gets it back
+        columns[TIME] = []
+    for code in (0, 1, 2):
+        users, items = ds.pairs(code)
+        columns[USER].append(users)
+        columns[ITEM].append(items)
+        columns[LABEL].append(np.full(len(users), code, dtype=np.int8))
+        if ds.has_timestamp:
+            columns[TIME].append(ds.timestamps(code))
+    table = pa.table({name: np.concatenate(parts) for name, parts in columns.items()})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / f"{out.name}.inter", "wb") as f:
+        f.write(("\t".join(table.column_names) + "\n").encode())  # unquoted, as MMRec's files
+        options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+        pacsv.write_csv(table, f, options)
+    for slot, name in chosen.items():
+        if name is not None:
+            np.save(out / FEATURE_FILES["visual" if slot == "image" else "text"], ds.features(name))
+    return {"interactions": table.num_rows, "users": ds.num_users, "items": ds.num_items, **chosen}

@@ -174,13 +174,29 @@ def test_checkpoint_from_other_config_is_refused(tiny_dataset, tmp_path):
 def test_ablations_beat_popularity(ablation_dataset, tmp_path, ablation):
     """Every variant must rank better than the most-popular-items list on the same test split
     (random ranking would pass ``recall > 0``; popularity is the floor that means learning).
-    Before the MoE grouped each user's tokens, the capacity variant fell to 0.155 < 0.206."""
+    Before the MoE grouped each user's tokens, the capacity variant fell to 0.155 < 0.206.
+
+    The mean of three seeds is held to the floor: one 10-epoch run on this data varies by
+    about +-0.02 between seeds (the single-stage variant: 0.204-0.253 over five), so one seed's
+    value would follow the rounding of the day rather than the variant."""
     data, popular = ablation_dataset
-    m = train_reference(
-        tiny_cfg(data, tmp_path, "train.epochs=10", "train.lr=0.01", *ablation), progress=False
-    )
-    assert m["test.recall@20"] > popular["test.recall@20"] + 0.01
-    assert m["test.ndcg@20"] > popular["test.ndcg@20"] + 0.01
+    runs = [
+        train_reference(
+            tiny_cfg(
+                data,
+                tmp_path / str(seed),
+                "train.epochs=10",
+                "train.lr=0.01",
+                f"train.seed={seed}",
+                *ablation,
+            ),
+            progress=False,
+        )
+        for seed in (2024, 2025, 2026)
+    ]
+    for key in ("test.recall@20", "test.ndcg@20"):
+        mean = sum(m[key] for m in runs) / len(runs)
+        assert mean > popular[key] + 0.01, (key, [round(m[key], 4) for m in runs])
 
 
 def test_mf_beats_popularity(ablation_dataset, tmp_path):

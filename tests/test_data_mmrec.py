@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -181,10 +185,6 @@ def test_empty_inter(tmp_path, assert_no_output):
 def test_export_to_mmrec_round_trips(tmp_path, tiny_dataset):
     """launch/export_mmrec.py writes MMRec's layout: imported back, every split's pairs and
     both feature matrices are the original's."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     ds = load_dataset(tiny_dataset)
     assert list(ds.modalities) == ["visual", "text"]
     out = tmp_path / "tiny_mm"

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
+from magnet_dist.data.dataset import Dataset
 from magnet_dist.data.validate import (
     check_finite_matrix,
     clean_interactions,
@@ -149,41 +150,40 @@ def import_mmrec(
     }
 
 
-def export_mmrec(ds: Any, out: Path, image: str | None, text: str | None) -> dict[str, Any]:
+def export_mmrec(ds: Dataset, out: Path, image: str | None, text: str | None) -> dict[str, Any]:
     """Write dataset ``ds`` in MMRec's layout under ``out`` (MMRec's dataset name is the folder
     name): ``<name>.inter`` with every interaction and its split as ``x_label`` (0 train,
     1 valid, 2 test), and the modalities ``image`` / ``text`` as ``image_feat.npy`` /
     ``text_feat.npy`` (MMRec has those two slots; either may be None). Refuses a non-empty
     ``out``. The inverse of :func:`import_mmrec` for one or two modalities."""
-    chosen = {"image": image, "text": text}
+    chosen = {FEATURE_FILES["visual"]: image, FEATURE_FILES["text"]: text}
     if not any(chosen.values()):
         raise DataError("export to MMRec: name at least one modality (--image and/or --text)")
-    for slot, name in chosen.items():
+    for file, name in chosen.items():
         if name is not None and name not in ds.modalities:
             raise DataError(
-                f"{ds.path}: no modality {name!r} for MMRec's {slot} slot; "
-                f"it has {list(ds.modalities)}"
+                f"{ds.path}: no modality {name!r} for MMRec's {file}; it has {list(ds.modalities)}"
             )
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not empty; choose a new folder")
-    columns: dict[str, list[np.ndarray]] = {USER: [], ITEM: [], LABEL: []}
-    if ds.has_timestamp:  # MMRec does not read it; kept so an import gets it back
-        columns[TIME] = []
+    # MMRec does not read the timestamps; they are kept so an import gets them back
+    columns = [USER, ITEM, LABEL] + ([TIME] if ds.has_timestamp else [])
+    parts: dict[str, list[np.ndarray]] = {c: [] for c in columns}
     for code in (0, 1, 2):
         users, items = ds.pairs(code)
-        columns[USER].append(users)
-        columns[ITEM].append(items)
-        columns[LABEL].append(np.full(len(users), code, dtype=np.int8))
+        parts[USER].append(users)
+        parts[ITEM].append(items)
+        parts[LABEL].append(np.full(len(users), code, dtype=np.int8))
         if ds.has_timestamp:
-            columns[TIME].append(ds.timestamps(code))
-    table = pa.table({name: np.concatenate(parts) for name, parts in columns.items()})
+            parts[TIME].append(ds.timestamps(code))
+    table = pa.table({c: np.concatenate(parts[c]) for c in columns})
     out.mkdir(parents=True, exist_ok=True)
     with open(out / f"{out.name}.inter", "wb") as f:
-        f.write(("\t".join(table.column_names) + "\n").encode())  # unquoted, as MMRec's files
+        f.write(("\t".join(columns) + "\n").encode())  # unquoted, as MMRec's files
         options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
         pacsv.write_csv(table, f, options)
-    for slot, name in chosen.items():
+    for file, name in chosen.items():
         if name is not None:
-            np.save(out / FEATURE_FILES["visual" if slot == "image" else "text"], ds.features(name))
+            np.save(out / file, ds.features(name))
     return {"interactions": table.num_rows, "users": ds.num_users, "items": ds.num_items, **chosen}

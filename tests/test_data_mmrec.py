@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import subprocess
 import sys
 from pathlib import Path
@@ -9,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from magnet_dist.data import mmrec
 from magnet_dist.data.dataset import load_dataset
 from magnet_dist.data.prepare import prepare_dataset
-from magnet_dist.errors import DataError
+from magnet_dist.errors import DataError, OutputError
 
 N_USERS, N_ITEMS = 8, 10
 
@@ -211,3 +213,25 @@ def test_export_to_mmrec_round_trips(tmp_path, tiny_dataset):
     assert b"Traceback" not in bad.stderr
     again = subprocess.run([*args, "--text", "text"], capture_output=True)
     assert again.returncode == 2 and b"not empty" in again.stderr
+
+
+@pytest.mark.parametrize("fault", ["disk full", "interrupt"])
+def test_export_to_mmrec_leaves_nothing_when_a_write_fails(
+    tmp_path, tiny_dataset, monkeypatch, fault
+):
+    """A failure while the feature files are written (after the .inter file) leaves neither the
+    target folder nor the hidden partial one: MMRec must never find half a dataset."""
+
+    def failing_save(path, array):
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mmrec.np, "save", failing_save)
+    out = tmp_path / "tiny_mm"
+    want = KeyboardInterrupt if fault == "interrupt" else OutputError
+    with pytest.raises(want) as err:
+        mmrec.export_mmrec(load_dataset(tiny_dataset), out, "visual", "text")
+    if fault == "disk full":
+        assert "disk full" in str(err.value) and str(out) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

@@ -12,6 +12,9 @@ and are scored on exactly the split magnet_dist uses (``launch/export_mmrec.py``
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +37,7 @@ from magnet_dist.data.validate import (
     require_split_values,
 )
 from magnet_dist.data.writer import DatasetWriter
-from magnet_dist.errors import DataError
+from magnet_dist.errors import DataError, output_error
 
 USER, ITEM, LABEL, TIME = "userID", "itemID", "x_label", "timestamp"
 FEATURE_FILES = {"visual": "image_feat.npy", "text": "text_feat.npy"}
@@ -178,12 +181,27 @@ def export_mmrec(ds: Dataset, out: Path, image: str | None, text: str | None) ->
         if ds.has_timestamp:
             parts[TIME].append(ds.timestamps(code))
     table = pa.table({c: np.concatenate(parts[c]) for c in columns})
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / f"{out.name}.inter", "wb") as f:
-        f.write(("\t".join(columns) + "\n").encode())  # unquoted, as MMRec's files
-        options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
-        pacsv.write_csv(table, f, options)
-    for file, name in chosen.items():
-        if name is not None:
-            np.save(out / file, ds.features(name))
+    # written into a hidden folder beside ``out`` and renamed into place, as DatasetWriter does:
+    # a failure halfway (disk full, Ctrl-C) leaves no partial dataset for MMRec to read
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as err:
+        raise output_error(err, out) from None
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it 0700
+        with open(tmp / f"{out.name}.inter", "wb") as f:
+            f.write(("\t".join(columns) + "\n").encode())  # unquoted, as MMRec's files
+            options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
+            pacsv.write_csv(table, f, options)
+        for file, name in chosen.items():
+            if name is not None:
+                np.save(tmp / file, ds.features(name))
+        os.replace(tmp, out)  # replaces an empty ``out`` folder too
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise output_error(err, out) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return {"interactions": table.num_rows, "users": ds.num_users, "items": ds.num_items, **chosen}

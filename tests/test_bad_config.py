@@ -154,4 +154,4 @@ def test_movielens_config_is_the_measured_setting():
     measured = (c.train.lr, c.model.reg_weight, c.model.layers, c.model.score_weights)
     assert measured == (5e-3, 1e-3, 2, "behaviour")
     assert (c.moe.top_k, c.moe.lr_scale, c.moe.weight_decay, c.moe.dropout) == (1, 0.1, 1e-3, 0.2)
-    assert (c.train.epochs, c.train.eval_every, c.train.patience) == (100, 2, 10)
+    assert (c.train.epochs, c.train.eval_every, c.train.patience) == (200, 2, 10)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ from magnet_dist.data.validate import (
     require_rows,
     require_split_values,
 )
-from magnet_dist.data.writer import DatasetWriter
+from magnet_dist.data.writer import DatasetWriter, partial_folder_beside
 from magnet_dist.errors import DataError, output_error
 
 USER, ITEM, LABEL, TIME = "userID", "itemID", "x_label", "timestamp"
@@ -183,13 +182,8 @@ def export_mmrec(ds: Dataset, out: Path, image: str | None, text: str | None) ->
     table = pa.table({c: np.concatenate(parts[c]) for c in columns})
     # written into a hidden folder beside ``out`` and renamed into place, as DatasetWriter does:
     # a failure halfway (disk full, Ctrl-C) leaves no partial dataset for MMRec to read
+    tmp = partial_folder_beside(out)
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    except OSError as err:
-        raise output_error(err, out) from None
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it 0700
         with open(tmp / f"{out.name}.inter", "wb") as f:
             f.write(("\t".join(columns) + "\n").encode())  # unquoted, as MMRec's files
             options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
@@ -198,10 +192,9 @@ def export_mmrec(ds: Dataset, out: Path, image: str | None, text: str | None) ->
             if name is not None:
                 np.save(tmp / file, ds.features(name))
         os.replace(tmp, out)  # replaces an empty ``out`` folder too
-    except OSError as err:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise output_error(err, out) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise output_error(err, out) from None
         raise
     return {"interactions": table.num_rows, "users": ds.num_users, "items": ds.num_items, **chosen}

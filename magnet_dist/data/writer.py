@@ -115,14 +115,7 @@ class DatasetWriter:
         check_out_dir(self.out, force)
 
     def __enter__(self) -> DatasetWriter:
-        try:
-            self.out.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp = Path(
-                tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent)
-            )
-        except OSError as err:
-            raise output_error(err, self.out) from None
-        self.tmp.chmod(0o755)  # mkdtemp makes it 0700; a dataset is a normal, readable folder
+        self.tmp = partial_folder_beside(self.out)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -252,6 +245,19 @@ class DatasetWriter:
         self.tmp = None
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+def partial_folder_beside(out: Path) -> Path:
+    """A new hidden folder next to ``out`` to write a dataset into before renaming it into
+    place (same file system, so the rename is atomic). Readable like any folder (mkdtemp makes
+    it 0700); an OSError becomes an OutputError naming ``out``."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+        tmp.chmod(0o755)
+    except OSError as err:
+        raise output_error(err, out) from None
+    return tmp
 
 
 def check_out_dir(out: Path, force: bool) -> None:

@@ -235,6 +235,8 @@ def main(data_path, part_config, ip_config, part, world, out_path, init_file) ->
         torch.distributed.barrier()
     out["user_delta"] = (client.embeddings("user", torch.arange(u)) - user_emb).numpy()
     out["item_delta"] = (client.embeddings("item", torch.arange(i)) - item_emb).numpy()
+    if world > 1:  # the comparison below moves this worker's rows: the other reads them first
+        torch.distributed.barrier()
 
     out["update_max_err"] = np.float64(compare_update_paths(opt.opt, part))
     if world > 1:  # its rows are back only now: the other worker reads them below

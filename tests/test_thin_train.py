@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import importlib.util
 import subprocess
 import sys
 from collections import Counter
@@ -9,9 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
 from magnet_dist.data.dataset import load_dataset
 from magnet_dist.data.prepare import prepare_dataset
+from magnet_dist.errors import OutputError
 
 SCRIPT = Path(__file__).resolve().parents[1] / "launch" / "thin_train.py"
 
@@ -85,3 +89,25 @@ def test_bad_arguments_are_refused_with_the_reason(tmp_path, tiny_dataset):
     (tmp_path / "used").mkdir()
     done = thin(tiny_dataset, tmp_path / "used", "--train-frac", "0.5")
     assert done.returncode == 2 and "already exists" in done.stderr
+
+
+@pytest.mark.parametrize("fault", ["disk full", "interrupt"])
+def test_a_failed_write_leaves_nothing_behind(tmp_path, tiny_dataset, monkeypatch, fault):
+    """A failure after interactions.parquet is written (copying the features) leaves neither
+    the target folder nor the hidden partial one; a full disk is an error naming the folder."""
+    spec = importlib.util.spec_from_file_location("thin_train", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def failing_copy(src, dst):
+        if fault == "interrupt":
+            raise KeyboardInterrupt
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(module.shutil, "copytree", failing_copy)
+    out = tmp_path / "out" / "thin"
+    with pytest.raises(KeyboardInterrupt if fault == "interrupt" else OutputError) as err:
+        module.thin_train(tiny_dataset, out, train_frac=0.5)
+    if fault == "disk full":
+        assert "disk full" in str(err.value) and str(out) in str(err.value)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -16,7 +16,6 @@ the source dataset; ``cold_items.parquet`` lists the thinned items for per-group
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -29,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from magnet_dist.data.dataset import load_dataset  # noqa: E402
 from magnet_dist.data.schema import FEATURES_DIR, INTERACTIONS_FILE  # noqa: E402
-from magnet_dist.data.writer import partial_folder_beside  # noqa: E402
-from magnet_dist.errors import MagnetError, output_error  # noqa: E402
+from magnet_dist.data.writer import folder_renamed_into_place  # noqa: E402
+from magnet_dist.errors import MagnetError  # noqa: E402
 
 
 def thin_train(
@@ -74,21 +73,13 @@ def thin_train(
         kept_by_user = np.bincount(users[train[~drop[train]]], minlength=ds.num_users)
         for user in np.nonzero((left > 0) & (kept_by_user == 0))[0]:  # one row back each
             drop[rng.choice(train[users[train] == user])] = False
-    # written into a hidden folder beside ``out`` and renamed into place, as export_mmrec does:
     # a failure halfway (disk full, Ctrl-C) leaves nothing partial behind
-    tmp = partial_folder_beside(out)
-    try:
+    with folder_renamed_into_place(out) as tmp:
         pq.write_table(table.filter(pa.array(~drop)), tmp / INTERACTIONS_FILE)
         shutil.copytree(ds.path / FEATURES_DIR, tmp / FEATURES_DIR)
         if cold_items is not None:
             cold_ids = pa.table({"item_id": np.nonzero(cold)[0]})
             pq.write_table(cold_ids, tmp / "cold_items.parquet")
-        os.replace(tmp, out)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise output_error(err, out) from None
-        raise
     kept_train = np.bincount(items[(split == 0) & ~drop], minlength=ds.num_items)
     return {
         "train_before": int(len(train)),

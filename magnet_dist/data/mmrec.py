@@ -12,8 +12,6 @@ and are scored on exactly the split magnet_dist uses (``launch/export_mmrec.py``
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +33,8 @@ from magnet_dist.data.validate import (
     require_rows,
     require_split_values,
 )
-from magnet_dist.data.writer import DatasetWriter, partial_folder_beside
-from magnet_dist.errors import DataError, output_error
+from magnet_dist.data.writer import DatasetWriter, folder_renamed_into_place
+from magnet_dist.errors import DataError
 
 USER, ITEM, LABEL, TIME = "userID", "itemID", "x_label", "timestamp"
 FEATURE_FILES = {"visual": "image_feat.npy", "text": "text_feat.npy"}
@@ -180,10 +178,8 @@ def export_mmrec(ds: Dataset, out: Path, image: str | None, text: str | None) ->
         if ds.has_timestamp:
             parts[TIME].append(ds.timestamps(code))
     table = pa.table({c: np.concatenate(parts[c]) for c in columns})
-    # written into a hidden folder beside ``out`` and renamed into place, as DatasetWriter does:
     # a failure halfway (disk full, Ctrl-C) leaves no partial dataset for MMRec to read
-    tmp = partial_folder_beside(out)
-    try:
+    with folder_renamed_into_place(out) as tmp:
         with open(tmp / f"{out.name}.inter", "wb") as f:
             f.write(("\t".join(columns) + "\n").encode())  # unquoted, as MMRec's files
             options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
@@ -191,10 +187,4 @@ def export_mmrec(ds: Dataset, out: Path, image: str | None, text: str | None) ->
         for file, name in chosen.items():
             if name is not None:
                 np.save(tmp / file, ds.features(name))
-        os.replace(tmp, out)  # replaces an empty ``out`` folder too
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(err, OSError):
-            raise output_error(err, out) from None
-        raise
     return {"interactions": table.num_rows, "users": ds.num_users, "items": ds.num_items, **chosen}

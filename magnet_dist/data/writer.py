@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +261,23 @@ def partial_folder_beside(out: Path) -> Path:
     except OSError as err:
         raise output_error(err, out) from None
     return tmp
+
+
+@contextmanager
+def folder_renamed_into_place(out: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out`` to write a small output into (export_mmrec,
+    launch/thin_train.py): renamed to ``out`` when the block ends, removed when it fails (disk
+    full, Ctrl-C), so nothing partial is left; an OSError becomes an OutputError naming ``out``.
+    DatasetWriter does the same with its own replace of an existing dataset (``--force``)."""
+    tmp = partial_folder_beside(out)
+    try:
+        yield tmp
+        os.replace(tmp, out)  # replaces an empty ``out`` folder too
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise output_error(err, out) from None
+        raise
 
 
 def check_out_dir(out: Path, force: bool) -> None:

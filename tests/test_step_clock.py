@@ -12,30 +12,34 @@ from magnet_dist.train.step_clock import StepClock, maybe_part
 
 
 def test_parts_are_exclusive_and_add_up_to_the_step():
+    # bounds that hold however late a loaded machine wakes a sleeper: a sleep lasts at least its
+    # length, and the nested part (0.25 s) is far longer than its parent's own time (0.05 s), so
+    # counting it in "forward" too would show whatever the load
     clock = StepClock()
+    steps = 0.0
     for _ in range(2):
         t0 = time.perf_counter()
         with clock.part("forward"):
-            time.sleep(0.02)
+            time.sleep(0.05)
             with clock.part("sampling"):
-                time.sleep(0.03)
+                time.sleep(0.25)
             clock.timed("collective", time.sleep)(0.01)
         with maybe_part(clock, "backward"):
             time.sleep(0.01)
         with maybe_part(None, "not counted"):
-            time.sleep(0.01)
+            time.sleep(0.2)
         clock.steps += 1
-        step = time.perf_counter() - t0
+        steps += time.perf_counter() - t0
     means = clock.means()
     assert set(means) == {"forward", "sampling", "collective", "backward", "total"}
+    assert means["sampling"] >= 0.25 and means["collective"] >= 0.01 and means["backward"] >= 0.01
     # the nested parts are not counted in "forward" a second time
-    assert means["forward"] == pytest.approx(0.02, abs=0.008)
-    assert means["sampling"] == pytest.approx(0.03, abs=0.008)
-    assert means["collective"] == pytest.approx(0.01, abs=0.008)
+    assert 0.05 <= means["forward"] < 0.05 + 0.25
     assert means["total"] == pytest.approx(
         sum(v for k, v in means.items() if k != "total"), abs=1e-3
     )
-    assert means["total"] < step  # the uncounted part is not in it
+    # the uncounted part (at least 0.2 s a step) is not in it
+    assert sum(clock.seconds.values()) <= steps - 2 * 0.2
 
 
 def test_cpu_seconds_tell_waiting_from_working():
@@ -43,18 +47,21 @@ def test_cpu_seconds_tell_waiting_from_working():
     with clock.part("waiting"):
         time.sleep(0.05)
     with clock.part("working"):
-        t = time.perf_counter()
-        while time.perf_counter() - t < 0.05:
+        c0 = time.process_time()  # work until 0.05 CPU seconds are spent, however long it takes
+        while time.process_time() - c0 < 0.05:
             pass
     clock.steps = 1
     wall, cpu = clock.means(), clock.means(cpu=True)
-    assert cpu["waiting"] < 0.2 * wall["waiting"]
-    assert cpu["working"] > 0.5 * wall["working"]
+    assert wall["waiting"] >= 0.05 and cpu["waiting"] < 0.01
+    assert cpu["working"] >= 0.05 and wall["working"] >= 0.05
     assert cpu["total"] == pytest.approx(cpu["waiting"] + cpu["working"], abs=1e-3)
 
 
+# Each rank ends with os._exit once its answer is flushed: torch 2.2's gloo hung in
+# destroy_process_group (and a barrier before it did not help: CI, stop 28), and the test is about
+# sync_step, not teardown. The same ending as tests/test_checkpoint_cadence.py.
 SYNC_SCRIPT = """
-import sys, torch.distributed as dist
+import os, sys, torch.distributed as dist
 from magnet_dist.model.schedule import ScheduleState
 from magnet_dist.train.step import sync_step
 rank, init, disagree = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
@@ -66,8 +73,7 @@ try:
     print("MEAN", sync_step([float(rank), 10.0 * rank], state), flush=True)
 except RuntimeError as e:
     print("ERROR", e, flush=True)
-dist.barrier()  # torch 2.2's gloo can hang in destroy while the peer still tears down
-dist.destroy_process_group()
+os._exit(0)
 """
 
 

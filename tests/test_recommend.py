@@ -347,3 +347,61 @@ def test_two_stage_with_fewer_candidates_is_exact_ranking_inside_the_candidates(
     assert got["test.recall@20"] == pytest.approx(coverage / len(truth), abs=1e-12)
     exact = evaluate_run(loaded, ["test"], "exact")
     assert got["test.recall@20"] < exact["test.recall@20"]  # 12 candidates cannot hold 20 hits
+
+
+def test_items_rank_among_the_listed_items_only(loaded, brute_scores):
+    """--items (every third item): the metrics are those of ranking each user's listed items by
+    brute force, over the users with a listed test item and their listed test items only."""
+    items = np.arange(0, loaded.num_items, 3)
+    got = evaluate_run(loaded, ["test"], "auto", items=items)
+    listed = set(items.tolist())
+    su, si = loaded.dataset.pairs(2)
+    truth: dict[int, set[int]] = {}
+    for u, i in zip(su.tolist(), si.tolist(), strict=True):
+        if i in listed:
+            truth.setdefault(u, set()).add(i)
+    assert got["two_stage"] is False and got["on_items"] == len(items)
+    assert got["test.on_items.users"] == len(truth) < len(set(su.tolist()))
+    outside = torch.ones(loaded.num_items, dtype=torch.bool)
+    outside[items] = False
+    want = {f"test.on_items.{m}@{k}": 0.0 for m in ("recall", "ndcg") for k in (10, 20)}
+    for u, g in truth.items():
+        scores = brute_scores[u].clone()
+        scores[outside] = float("-inf")
+        ranked = scores.argsort(descending=True).tolist()
+        for k in (10, 20):
+            hits = [r for r, i in enumerate(ranked[:k]) if i in g]
+            idcg = sum(1 / np.log2(r + 2) for r in range(min(len(g), k)))
+            want[f"test.on_items.recall@{k}"] += len(hits) / len(g)
+            want[f"test.on_items.ndcg@{k}"] += sum(1 / np.log2(r + 2) for r in hits) / idcg
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value / len(truth), abs=1e-9), key
+    # every item listed: the ordinary metrics under other keys
+    every = evaluate_run(loaded, ["test"], "exact", items=np.arange(loaded.num_items))
+    exact = evaluate_run(loaded, ["test"], "exact")
+    for key in ("recall@20", "ndcg@10"):
+        assert every[f"test.on_items.{key}"] == pytest.approx(exact[f"test.{key}"], abs=1e-12)
+
+
+def test_items_cli_reads_files_and_refuses_what_it_cannot_do(run, tmp_path, capsys):
+    listed = tmp_path / "cold.parquet"
+    pq.write_table(pa.table({"item_id": np.arange(0, 120, 3, dtype=np.int64)}), listed)
+    out = tmp_path / "eval.json"
+    rc, stdout, _ = cli(capsys, "evaluate", "--run", run, "--items", listed, "--json", out)
+    got = json.loads(out.read_text())
+    assert rc == 0 and "ranking among the 40 items of --items only" in stdout
+    assert got["test.on_items.users"] > 0 and "test.recall@20" not in got
+    text = tmp_path / "cold.txt"
+    text.write_text("\n".join(str(i) for i in range(0, 120, 3)) + "\n")
+    rc, _, _ = cli(capsys, "evaluate", "--run", run, "--items", text, "--json", out)
+    assert rc == 0
+    again = json.loads(out.read_text())
+    for key in got:
+        if ".on_items" in key:
+            assert again[key] == got[key], key
+    rc, _, err = cli(capsys, "evaluate", "--run", run, "--items", "3,999,x")
+    assert rc == 2 and "2 unknown item(s) in --items: '999', 'x'" in err
+    rc, _, err = cli(capsys, "evaluate", "--run", run, "--items", "3", "--mode", "two-stage")
+    assert rc == 2 and "--items ranks exactly" in err
+    rc, _, err = cli(capsys, "evaluate", "--run", run, "--items", "3", "--original-ids")
+    assert rc == 2 and "no item id map" in err

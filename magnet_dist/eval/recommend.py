@@ -73,26 +73,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # the user list
 
 
-def read_user_tokens(spec: str) -> list:
-    """Raw user ids from a file (Parquet or text) or a comma-separated list."""
+def read_id_tokens(spec: str, option: str = "--users", column: str = "user_id") -> list:
+    """Raw ids from a file (Parquet: ``column``, else its only column; text: ids separated by
+    newlines / commas) or a comma-separated list, for the command-line ``option``."""
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix == ".parquet":
             try:
                 table = pq.read_table(path)
             except (pa.ArrowException, OSError) as err:
-                raise MagnetError(f"--users {path}: unreadable Parquet ({err})") from None
-            if "user_id" in table.column_names:
-                col = table.column("user_id")
+                raise MagnetError(f"{option} {path}: unreadable Parquet ({err})") from None
+            if column in table.column_names:
+                col = table.column(column)
             elif table.num_columns == 1:
                 col = table.column(0)
             else:
                 raise MagnetError(
-                    f"--users {path}: needs a 'user_id' column or a single column, has "
+                    f"{option} {path}: needs a '{column}' column or a single column, has "
                     f"{table.column_names}"
                 )
             if col.null_count:
-                raise MagnetError(f"--users {path}: the user column has null values")
+                raise MagnetError(f"{option} {path}: the id column has null values")
             return col.to_pylist()
         tokens = []
         for line in path.read_text().splitlines():
@@ -100,18 +101,21 @@ def read_user_tokens(spec: str) -> list:
             tokens += [t for t in line.replace(",", " ").split() if t]
         return tokens
     if spec.endswith((".parquet", ".txt", ".csv")) or os.sep in spec:
-        raise MagnetError(f"--users {spec}: file not found")
+        raise MagnetError(f"{option} {spec}: file not found")
     return [t.strip() for t in spec.split(",") if t.strip()]
 
 
-def resolve_users(tokens: list, num_users: int, id_map: pa.Array | None) -> np.ndarray:
-    """Internal user ids (int64, first-seen order, no repeats) of ``tokens``.
+def resolve_ids(
+    tokens: list, count: int, id_map: pa.Array | None, option: str = "--users", kind: str = "user"
+) -> np.ndarray:
+    """Internal ids (int64, first-seen order, no repeats) of ``tokens``, of ``count`` users or
+    items (``kind``).
 
     With ``id_map`` the tokens are original ids (parsed to the map's type), else internal ids.
     Unknown ids raise a MagnetError naming them.
     """
     if not tokens:
-        raise MagnetError("--users names no user")
+        raise MagnetError(f"{option} names no {kind}")
     unknown: list = []
     ids: list[int] = []
     if id_map is None:
@@ -120,11 +124,11 @@ def resolve_users(tokens: list, num_users: int, id_map: pa.Array | None) -> np.n
                 u = int(t) if not isinstance(t, float) or float(t).is_integer() else None
             except (TypeError, ValueError):
                 u = None
-            if u is None or not 0 <= u < num_users:
+            if u is None or not 0 <= u < count:
                 unknown.append(t)
             else:
                 ids.append(u)
-        where = f"internal user ids are 0..{num_users - 1}"
+        where = f"internal {kind} ids are 0..{count - 1}"
     else:
         lookup = {v: i for i, v in enumerate(id_map.to_pylist())}
         as_int = pa.types.is_integer(id_map.type)
@@ -137,11 +141,11 @@ def resolve_users(tokens: list, num_users: int, id_map: pa.Array | None) -> np.n
                 unknown.append(t)
             else:
                 ids.append(lookup[key])
-        where = "original ids of the dataset's users id map"
+        where = f"original ids of the dataset's {kind}s id map"
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:10])
         more = f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else ""
-        raise MagnetError(f"{len(unknown)} unknown user(s) in --users: {shown}{more}; {where}")
+        raise MagnetError(f"{len(unknown)} unknown {kind}(s) in {option}: {shown}{more}; {where}")
     return np.fromiter(dict.fromkeys(ids), dtype=np.int64)
 
 
@@ -273,7 +277,7 @@ def main(args: argparse.Namespace) -> int:
     if args.users is None:
         users = np.arange(ds.num_users, dtype=np.int64)
     else:
-        users = resolve_users(read_user_tokens(args.users), ds.num_users, user_map)
+        users = resolve_ids(read_id_tokens(args.users), ds.num_users, user_map)
     ids, scores, info = recommend(
         loaded, users, args.k, args.include_train, args.mode, args.candidates, progress
     )

@@ -8,6 +8,9 @@ says ``"two_stage": true`` and carries ``retrieval_recall@N`` (how much of the e
 top-N the retrieval finds, on a user sample), so it is never mistaken for the exact metric.
 ``--sample-users N`` adds exact metrics on N sampled users (``<split>.exact_sample.*``, with the
 two-stage numbers of the same users as ``<split>.two_stage_sample.*``) to compare the two.
+``--items FILE`` ranks among the listed items only (e.g. ``cold_items.parquet`` of
+launch/thin_train.py), for the users with a listed item in the split: ``<split>.on_items.*``,
+always exact.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from magnet_dist.eval.model_io import (
     load_run,
     retrieve_for,
 )
+from magnet_dist.eval.recommend import read_id_tokens, resolve_ids
 
 SPLITS = {"valid": 1, "test": 2}
 RETRIEVAL_RECALL_USERS = 1000  # users checked against exact retrieval when --sample-users unset
@@ -52,6 +56,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "compare; exact: instead of all users) and check retrieval recall on them; None: all "
         "users, retrieval recall on 1000",
     )
+    parser.add_argument(
+        "--items",
+        default=None,
+        help="rank among these items only, for the users with one of them in the split (exact "
+        "ranking): a Parquet file (column item_id, else its only column), a text file or a "
+        "comma-separated list; None: every item",
+    )
+    parser.add_argument(
+        "--original-ids",
+        action="store_true",
+        help="--items holds the source's item ids (the dataset's id map), not internal ids",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the user samples")
     parser.add_argument("--json", default=None, metavar="OUT", help="also write the metrics here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -71,8 +87,10 @@ def evaluate_run(
     sample: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    items: np.ndarray | None = None,
 ) -> dict[str, Any]:
-    """Metrics of ``loaded`` on ``splits`` (see the module docstring for the keys)."""
+    """Metrics of ``loaded`` on ``splits`` (see the module docstring for the keys); with
+    ``items`` (internal ids), among those items only."""
     from magnet_dist.eval.ranking import rank_candidates, retrieval_recall
     from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
 
@@ -80,11 +98,14 @@ def evaluate_run(
         raise MagnetError(f"--sample-users must be >= 1, got {sample}")
     cfg, ds = loaded.cfg, loaded.dataset
     ev_cfg = cfg.eval
-    two_stage = loaded.use_two_stage(mode)
+    if items is not None and mode == "two-stage":
+        raise MagnetError("--items ranks exactly among the listed items; use --mode exact or auto")
+    two_stage = items is None and loaded.use_two_stage(mode)
     evaluators = {
-        s: SplitEvaluator(ds, SPLITS[s], ev_cfg.ks, ev_cfg.user_chunk, ev_cfg.item_chunk)
+        s: SplitEvaluator(ds, SPLITS[s], ev_cfg.ks, ev_cfg.user_chunk, ev_cfg.item_chunk, items)
         for s in splits
     }
+    tag = ".on_items" if items is not None else ""
     exact_fn = ranking_score_fn(loaded.model, loaded.user_reps, loaded.item_reps)
     out: dict[str, Any] = {
         "run": str(loaded.run_dir),
@@ -94,15 +115,19 @@ def evaluate_run(
         "num_users": ds.num_users,
         "num_items": ds.num_items,
     }
+    if items is not None:
+        out["on_items"] = len(items)
     t0 = time.time()
     if not two_stage:
         for s, ev in evaluators.items():
+            if items is not None:
+                out[f"{s}{tag}.users"] = len(ev.users)
             if sample is None:
-                out.update(ev.sums(exact_fn, progress=progress).metrics(s))
+                out.update(ev.sums(exact_fn, progress=progress).metrics(f"{s}{tag}"))
             else:
                 users = sample_users(ev.users, sample, seed)
-                out.update(ev.sums(exact_fn, users, progress).metrics(f"{s}.exact_sample"))
-                out[f"{s}.sample_users"] = len(users)
+                out.update(ev.sums(exact_fn, users, progress).metrics(f"{s}{tag}.exact_sample"))
+                out[f"{s}{tag}.sample_users"] = len(users)
         out["eval_seconds"] = time.time() - t0
         return out
 
@@ -158,10 +183,20 @@ def main(args: argparse.Namespace) -> int:
     progress = not args.quiet and sys.stderr.isatty()
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     loaded = load_run(args.run, args.data, quiet=args.quiet, any_dataset=args.any_dataset)
-    metrics = evaluate_run(
-        loaded, splits, args.mode, args.candidates, args.sample_users, args.seed, progress
-    )
     ds = loaded.dataset
+    items = None
+    if args.items is not None:
+        id_map = ds.id_map("items") if args.original_ids else None
+        if args.original_ids and id_map is None:
+            raise MagnetError(
+                f"--original-ids: dataset {ds.path} has no item id map (the source had no ids "
+                "of its own); give internal ids"
+            )
+        tokens = read_id_tokens(args.items, "--items", "item_id")
+        items = resolve_ids(tokens, ds.num_items, id_map, "--items", "item")
+    metrics = evaluate_run(
+        loaded, splits, args.mode, args.candidates, args.sample_users, args.seed, progress, items
+    )
     print(
         f"[evaluate] {loaded.run_dir} (best epoch {loaded.epoch}) on {ds.path}: "
         f"{ds.num_users} users, {ds.num_items} items, {metrics['mode']} ranking"
@@ -176,6 +211,12 @@ def main(args: argparse.Namespace) -> int:
         )
     elif args.sample_users is not None:
         print(f"[evaluate] exact metrics on a sample of at most {args.sample_users} users/split")
+    if items is not None:
+        users = ", ".join(f"{metrics[f'{s}.on_items.users']} in {s}" for s in splits)
+        print(
+            f"[evaluate] ranking among the {len(items)} items of --items only, for the users with "
+            f"one of them in the split ({users}): keys <split>.on_items.*"
+        )
     print(json.dumps(metrics, indent=2))
     if args.json:
         write_text_atomic(Path(args.json), json.dumps(metrics, indent=2) + "\n")

@@ -87,12 +87,42 @@ def popularity_score_fn(dataset) -> Callable:
     return fn
 
 
-class SplitEvaluator:
-    """Full ranking of one split (valid or test) with only training items masked (MMRec)."""
+def restricted_to(score_fn: Callable, allowed: np.ndarray) -> Callable:
+    """``score_fn`` with every item outside ``allowed`` (a bool mask over all items) scored -inf,
+    so the ranking is among those items only."""
+    outside = torch.from_numpy(~np.asarray(allowed, dtype=bool))
 
-    def __init__(self, dataset, split: int, ks: list[int], user_chunk: int, item_chunk: int):
+    def fn(user_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        scores = score_fn(user_ids, start, end)
+        scores[:, outside[start:end].to(scores.device)] = float("-inf")
+        return scores
+
+    return fn
+
+
+class SplitEvaluator:
+    """Full ranking of one split (valid or test) with only training items masked (MMRec).
+
+    With ``items`` (internal ids), the ranking is among those items only and the ground truth
+    keeps only their pairs, so users with none of them in the split are left out: the cold-item
+    protocol (rank the new items for the users who interacted with them)."""
+
+    def __init__(
+        self,
+        dataset,
+        split: int,
+        ks: list[int],
+        user_chunk: int,
+        item_chunk: int,
+        items: np.ndarray | None = None,
+    ):
         tu, ti = dataset.pairs(0)
         su, si = dataset.pairs(split)
+        self.allowed = None
+        if items is not None:
+            self.allowed = np.zeros(dataset.num_items, dtype=bool)
+            self.allowed[items] = True
+            su, si = su[self.allowed[si]], si[self.allowed[si]]
         self.num_items = dataset.num_items
         self.train_mask = csr_from_pairs(tu, ti, dataset.num_users)
         self.ground_truth = csr_from_pairs(su, si, dataset.num_users)
@@ -105,6 +135,8 @@ class SplitEvaluator:
         self, score_fn: Callable, users: np.ndarray | None = None, progress: bool = False
     ) -> RankingSums:
         users = self.users if users is None else users
+        if self.allowed is not None:
+            score_fn = restricted_to(score_fn, self.allowed)
         return rank_users(
             score_fn,
             users,

@@ -179,7 +179,10 @@ def _worker(rank: int, world: int, port: int, args, out_path: str) -> None:
     if rank == 0:
         Path(out_path).write_text(json.dumps(rows))
     dist.barrier()
-    dist.destroy_process_group()
+    # not destroy_process_group: in torch 2.2 it can deadlock right after a collective (its
+    # destructor joins gloo's worker thread while holding the GIL that thread needs to free the
+    # last work's tensors; pytorch/pytorch#154976), and mp.spawn would wait for ever
+    os._exit(0)
 
 
 HEADER = (

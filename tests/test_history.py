@@ -162,8 +162,8 @@ def test_history_config_samples_one_hop():
         Config.model_validate({"train": {"history": True, "fanouts": [10, 10]}})
 
 
-# os._exit once the answer is written: torch 2.2's gloo can hang in destroy_process_group
-# (tests/test_step_clock.py hung there in CI, a barrier before it notwithstanding).
+# os._exit once the answer is written: torch 2.2's destroy_process_group can deadlock right after
+# a collective (see tests/test_step_clock.py).
 SHARE_SCRIPT = """
 import os, sys, torch, torch.distributed as dist
 from magnet_dist.train.history import History

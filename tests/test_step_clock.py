@@ -57,9 +57,11 @@ def test_cpu_seconds_tell_waiting_from_working():
     assert cpu["total"] == pytest.approx(cpu["waiting"] + cpu["working"], abs=1e-3)
 
 
-# Each rank ends with os._exit once its answer is flushed: torch 2.2's gloo hung in
-# destroy_process_group (and a barrier before it did not help: CI, stop 28), and the test is about
-# sync_step, not teardown. The same ending as tests/test_checkpoint_cadence.py.
+# Each rank ends with os._exit once its answer is flushed. torch 2.2's destroy_process_group can
+# deadlock right after a collective: ProcessGroupGloo's destructor joins gloo's worker thread while
+# holding the GIL, which that thread needs to free the last collective's tensors
+# (pytorch/pytorch#154976; 3 hangs in 30 runs here under load, a barrier before it did not help).
+# The test is about sync_step, not teardown; the same ending as tests/test_checkpoint_cadence.py.
 SYNC_SCRIPT = """
 import os, sys, torch.distributed as dist
 from magnet_dist.model.schedule import ScheduleState

@@ -8,6 +8,7 @@ choice (the backend name), the gloo path runs for real in a one-process group.
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import torch
@@ -33,6 +34,10 @@ def gloo_world():
     try:
         yield
     finally:
+        # torch 2.2's destroy_process_group deadlocks if gloo's worker thread still has the last
+        # collective's tensors to free (it needs the GIL the destructor holds;
+        # pytorch/pytorch#154976): a sleep releases the GIL and lets it finish first
+        time.sleep(0.5)
         dist.destroy_process_group()
 
 

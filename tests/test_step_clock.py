@@ -45,15 +45,16 @@ def test_parts_are_exclusive_and_add_up_to_the_step():
 def test_cpu_seconds_tell_waiting_from_working():
     clock = StepClock()
     with clock.part("waiting"):
-        time.sleep(0.05)
+        time.sleep(0.2)
     with clock.part("working"):
-        c0 = time.process_time()  # work until 0.05 CPU seconds are spent, however long it takes
-        while time.process_time() - c0 < 0.05:
+        c0 = time.process_time()  # work until 0.2 CPU seconds are spent, however long it takes
+        while time.process_time() - c0 < 0.2:
             pass
     clock.steps = 1
     wall, cpu = clock.means(), clock.means(cpu=True)
-    assert wall["waiting"] >= 0.05 and cpu["waiting"] < 0.01
-    assert cpu["working"] >= 0.05 and wall["working"] >= 0.05
+    # CPU seconds are the whole process's: a quarter of a core for other threads is tolerated
+    assert wall["waiting"] >= 0.2 and cpu["waiting"] < 0.05
+    assert cpu["working"] >= 0.2 and wall["working"] >= 0.2
     assert cpu["total"] == pytest.approx(cpu["waiting"] + cpu["working"], abs=1e-3)
 
 

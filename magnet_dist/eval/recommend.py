@@ -89,7 +89,7 @@ def read_id_tokens(spec: str, option: str = "--users", column: str = "user_id") 
                 col = table.column(0)
             else:
                 raise MagnetError(
-                    f"{option} {path}: needs a '{column}' column or a single column, has "
+                    f"{option} {path}: needs a column named '{column}' or a single column, has "
                     f"{table.column_names}"
                 )
             if col.null_count:

@@ -25,6 +25,10 @@ and that point is then trained on every seed; the table reports those runs. Poin
 cannot tell apart (``model.layers`` for BPR-MF, which has no propagation; ``moe.*`` for the
 baselines) are trained once. Grid runs live under ``<out>/<variant>/grid/<point>/seed<seed>``;
 results.json and results.md record the grid, every point's validation score and the choice.
+
+``--items FILE`` (as ``magnet-dist evaluate --items``; ``--original-ids`` for the source's ids)
+also ranks each selected model among the listed items only, e.g. the ``cold_items.parquet`` of
+``launch/thin_train.py --cold-items``: test ``on_items`` columns beside the ordinary ones.
 """
 
 from __future__ import annotations
@@ -60,6 +64,8 @@ VARIANTS: dict[str, list[str]] = {
 # the classic ID-only LightGCN and BPR-MF
 BASELINES = ("lightgcn", "lightgcn_id", "mf")
 METRICS = ["test.recall@20", "test.ndcg@20", "test.recall@10", "test.ndcg@10", "valid.recall@20"]
+# with --items: the test metrics of ranking among the listed items only
+ITEM_METRICS = ["test.on_items.recall@20", "test.on_items.ndcg@20"]
 # --quick: a tiny budget for a smoke test (a few steps, the stage switch still happens)
 QUICK = [
     "train.epochs=2",
@@ -91,6 +97,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "seed, the best on validation Recall@20 per variant, then that point on every seed",
     )
     p.add_argument(
+        "--items",
+        default=None,
+        help="also rank among these items only (as magnet-dist evaluate --items), e.g. "
+        "thin_train's cold_items.parquet",
+    )
+    p.add_argument(
+        "--original-ids", action="store_true", help="--items holds the source's item ids"
+    )
+    p.add_argument(
         "overrides", nargs="*", metavar="key=value", help="dotted config overrides for every run"
     )
     args = p.parse_intermixed_args(argv)  # key=value overrides may sit between options
@@ -101,6 +116,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
     args.variant_list = names
+    args.item_ids = None  # main() resolves --items on the dataset
     try:
         args.grid_spec = parse_grid(args.grid) if args.grid else None
     except ValueError as err:
@@ -352,7 +368,34 @@ def run_one(args, variant: str, seed: int, point: dict[str, str] | None = None) 
     }
     if cfg.model.use_moe:
         row.update(routing_summary(run_dir))
+    if args.item_ids is not None:
+        row.update(on_items_metrics(run_dir, args.item_ids))
     return row
+
+
+def listed_items(args, data_path) -> Any:
+    """Internal ids of ``--items`` on the benchmark's dataset (None without it)."""
+    if args.items is None:
+        return None
+    from magnet_dist.data.dataset import load_dataset
+    from magnet_dist.errors import MagnetError
+    from magnet_dist.eval.recommend import read_id_tokens, resolve_ids
+
+    ds = load_dataset(data_path)
+    id_map = ds.id_map("items") if args.original_ids else None
+    if args.original_ids and id_map is None:
+        raise MagnetError(f"--original-ids: dataset {ds.path} has no item id map")
+    tokens = read_id_tokens(args.items, "--items", "item_id")
+    return resolve_ids(tokens, ds.num_items, id_map, "--items", "item")
+
+
+def on_items_metrics(run_dir: Path, items) -> dict[str, float]:
+    """Test metrics of the run's selected model ranked among ``items`` only."""
+    from magnet_dist.eval.model_io import load_run
+    from magnet_dist.eval.run import evaluate_run
+
+    metrics = evaluate_run(load_run(run_dir, quiet=True), ["test"], "exact", items=items)
+    return {k: float(metrics[k]) for k in ITEM_METRICS}
 
 
 def tune_variant(
@@ -407,8 +450,10 @@ def summarise(rows: list[dict[str, Any]], variants: list[str]) -> dict[str, Any]
         if not rs:
             continue
         s: dict[str, Any] = {"seeds": [r["seed"] for r in rs]}
-        for key in [*METRICS, "best_epoch", "epochs_run", "train_seconds"]:
+        for key in [*METRICS, *ITEM_METRICS, "best_epoch", "epochs_run", "train_seconds"]:
             vals = [float(r[key]) for r in rs if r.get(key) is not None]
+            if not vals and key in ITEM_METRICS:
+                continue
             mean, std = mean_std(vals)
             s[key] = {"mean": mean, "std": std}
         out[v] = s
@@ -505,6 +550,19 @@ def markdown(result: dict[str, Any]) -> str:
             f"- best baseline by mean test Recall@20: {best[0]}; MAGNET / {best[0]} = "
             f"{best[1]:.3f} on Recall@20, {best[2]:.3f} on NDCG@20 (goal >= 1.03)"
         )
+    items = result.get("items")
+    if items:
+        lines += [
+            "",
+            f"Ranked among the {items['count']} items of `--items {items['file']}` only (test "
+            "users with one of them; training items masked):",
+            "",
+            "| variant | Recall@20 | NDCG@20 |",
+            "|---|---|---|",
+        ]
+        for v, s in summary.items():
+            if ITEM_METRICS[0] in s:
+                lines.append(f"| {v} | {_pm(s[ITEM_METRICS[0]])} | {_pm(s[ITEM_METRICS[1]])} |")
     lines += grid_markdown(result.get("grid"))
     diag = [
         r
@@ -590,6 +648,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # The dataset and content edges once, before any run (content edges as MAGNET needs them).
     base = load_config(args.config, [*common_overrides(args), "train.run_dir=unused"])
     ensure_stages(base, quiet=True)
+    args.item_ids = listed_items(args, base.data.path)
     seed0 = args.seed_base if args.seed_base is not None else base.train.seed
     seeds = [seed0 + i for i in range(args.seeds)]
     out = Path(args.out)
@@ -619,6 +678,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "cpus": os.cpu_count(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         },
+        "items": None
+        if args.item_ids is None
+        else {"file": args.items, "count": len(args.item_ids), "original_ids": args.original_ids},
         "rows": [],
         "summary": {},
         "comparisons": {},
@@ -675,4 +737,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from magnet_dist.cli import report_errors
+
+    sys.exit(report_errors(main))

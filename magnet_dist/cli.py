@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from magnet_dist.errors import NO_SPACE_ERRNOS, MagnetError, output_error
 
@@ -54,8 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(f"magnet-dist {args.command}: not available yet ({args._missing})", file=sys.stderr)
         return 2
+    return report_errors(lambda: args._main(args))
+
+
+def report_errors(run: Callable[[], object]) -> int:
+    """The exit status of ``run()``: a MagnetError (bad input) or a full disk is one line on
+    stderr and status 2, not a traceback. Also for the scripts under launch/, whose ``main``
+    may return its result (an int is taken as the status, anything else as 0)."""
     try:
-        return int(args._main(args) or 0)
+        status = run()
     except MagnetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -66,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {output_error(err, err.filename or 'an output file')}", file=sys.stderr)
         return 2
+    return status if isinstance(status, int) else 0
 
 
 if __name__ == "__main__":

@@ -187,3 +187,29 @@ def test_grid_tunes_each_variant_on_validation_then_runs_the_choice_on_every_see
     table = (out / "results.md").read_text()
     assert "| mf | **lr=5e-3 reg_weight=1e-4 layers=1** (chosen) |" in table
     assert "same run as point 1" in table
+
+
+def test_items_adds_the_ranking_among_the_listed_items(bench, tiny_dataset, tmp_path):
+    import numpy as np
+
+    from magnet_dist.errors import MagnetError
+    from magnet_dist.eval.model_io import load_run
+    from magnet_dist.eval.run import evaluate_run
+
+    out = tmp_path / "bench"
+    listed = tmp_path / "items.txt"
+    listed.write_text("\n".join(str(i) for i in range(0, 120, 3)))
+    common = ["--quick", "--data", str(tiny_dataset), "--variants", "lightgcn", "--seeds", "1"]
+    result = bench.main([*common, "--out", str(out), "--items", str(listed), "model.dim=16"])
+    (row,) = result["rows"]
+    want = evaluate_run(load_run(row["run_dir"]), ["test"], "exact", items=np.arange(0, 120, 3))
+    for key in bench.ITEM_METRICS:
+        assert row[key] == pytest.approx(want[key], abs=1e-12)
+        assert result["summary"]["lightgcn"][key]["mean"] == pytest.approx(want[key])
+    assert row["test.on_items.recall@20"] != pytest.approx(row["test.recall@20"])
+    assert result["items"] == {"file": str(listed), "count": 40, "original_ids": False}
+    assert "Ranked among the 40 items of `--items" in (out / "results.md").read_text()
+    # a bad list is refused before anything trains
+    with pytest.raises(MagnetError, match="1 unknown item"):
+        bench.main([*common, "--out", str(tmp_path / "other"), "--items", "3,500"])
+    assert not (tmp_path / "other").exists()

@@ -405,3 +405,84 @@ def test_items_cli_reads_files_and_refuses_what_it_cannot_do(run, tmp_path, caps
     assert rc == 2 and "--items ranks exactly" in err
     rc, _, err = cli(capsys, "evaluate", "--run", run, "--items", "3", "--original-ids")
     assert rc == 2 and "no item id map" in err
+
+
+def test_recommend_among_listed_items_is_the_brute_force_top_k(
+    run, loaded, brute_scores, tmp_path, capsys
+):
+    """--items (every third item): each user's K items are the K best of the listed ones by
+    brute force (training items excluded), and only listed items appear."""
+    items = list(range(0, loaded.num_items, 3))
+    out = tmp_path / "listed.parquet"
+    spec = ",".join(str(i) for i in items)
+    rc, stdout, _ = cli(capsys, "recommend", "--run", run, "--k", K, "--out", out, "--items", spec)
+    assert rc == 0 and f"among the {len(items)} items of --items" in stdout
+    rows = per_user(pq.read_table(out))
+    outside = torch.ones(loaded.num_items, dtype=torch.bool)
+    outside[items] = False
+    restricted = brute_scores.masked_fill(outside, float("-inf"))
+    best = restricted.topk(K, dim=1)
+    assert len(rows) == loaded.num_users
+    for u, recs in rows.items():
+        got = [i for _, i, _ in recs]
+        assert set(got) <= set(items) and len(got) == K
+        np.testing.assert_allclose(
+            restricted[u, got].numpy(), best.values[u].numpy(), rtol=1e-5, atol=1e-5
+        )
+        np.testing.assert_allclose([s for *_, s in recs], best.values[u].numpy(), rtol=1e-5)
+    rc, _, err = cli(
+        capsys,
+        "recommend",
+        "--run",
+        run,
+        "--k",
+        K,
+        "--out",
+        tmp_path / "x.parquet",
+        "--items",
+        "3",
+        "--mode",
+        "two-stage",
+    )
+    assert rc == 2 and "--items scores every listed item" in err
+    rc, _, err = cli(
+        capsys,
+        "recommend",
+        "--run",
+        run,
+        "--k",
+        K,
+        "--out",
+        tmp_path / "y.parquet",
+        "--items",
+        "3,7000",
+    )
+    assert rc == 2 and "1 unknown item(s) in --items: '7000'" in err
+
+
+def test_recommend_among_listed_items_with_training_items(run, train_sets, tmp_path, capsys):
+    """With --include-train a user's listed training items may come back; without, never; a
+    list smaller than K gives fewer rows."""
+    user = 0
+    seen = sorted(train_sets[user])[:3]
+    spec = ",".join(str(i) for i in seen)
+    for flag, want in (([], set()), (["--include-train"], set(seen))):
+        out = tmp_path / f"t{len(flag)}.parquet"
+        rc, _, _ = cli(
+            capsys,
+            "recommend",
+            "--run",
+            run,
+            "--k",
+            K,
+            "--out",
+            out,
+            "--users",
+            user,
+            "--items",
+            spec,
+            *flag,
+        )
+        assert rc == 0
+        got = {i for _, i, _ in per_user(pq.read_table(out)).get(user, [])}
+        assert got == want

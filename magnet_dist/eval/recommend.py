@@ -4,8 +4,9 @@ Schema: ``user_id int64, rank int16 (1..K), item_id int64, score float32``, one 
 (user, rank), ranks best first. Training items are left out unless ``--include-train``; a user
 with fewer than K remaining items gets fewer rows. Scores are the full MAGNET score (dot + MoE),
 by exact ranking over every item or, above ``eval.two_stage_above_items`` items, by re-ranking
-``eval.candidates`` HNSW candidates. ``--original-ids`` writes (and reads ``--users`` as) the
-source's ids from the dataset's id maps, whose type they keep.
+``eval.candidates`` HNSW candidates. ``--items`` recommends among the listed items only (e.g.
+new ones to promote), every one scored exactly. ``--original-ids`` writes (and reads ``--users``
+and ``--items`` as) the source's ids from the dataset's id maps, whose type they keep.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="users to recommend for: a text file (ids separated by newlines / commas), a "
         "Parquet file (column user_id, else its only column) or a comma-separated list; "
         "None: every user",
+    )
+    parser.add_argument(
+        "--items",
+        default=None,
+        help="recommend among these items only (e.g. new ones), each scored with the full "
+        "score: a Parquet file (column item_id, else its only column), a text file or a "
+        "comma-separated list; None: every item",
     )
     parser.add_argument(
         "--include-train", action="store_true", help="keep the users' training items"
@@ -183,12 +191,21 @@ def recommend(
     mode: str = "auto",
     candidates: int | None = None,
     progress: bool = False,
+    items: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, dict]:
-    """(item ids [U, k] int64, scores [U, k] float32, info); -1 / -inf where items ran out."""
+    """(item ids [U, k] int64, scores [U, k] float32, info); -1 / -inf where items ran out.
+    With ``items`` (internal ids), among those items only."""
     from magnet_dist.eval.ranking import topk_items
     from magnet_dist.eval.scoring import ranking_score_fn
 
     ev = loaded.cfg.eval
+    if items is not None:
+        if mode == "two-stage":
+            raise MagnetError(
+                "--items scores every listed item with the full score (no retrieval); use "
+                "--mode exact or auto"
+            )
+        return recommend_among(loaded, users, k, items, include_train, progress)
     exclude = None if include_train else loaded.train_csr()
     if loaded.use_two_stage(mode):
         n = candidates if candidates is not None else max(ev.candidates, k)
@@ -203,6 +220,38 @@ def recommend(
         score_fn, users, loaded.num_items, k, exclude, ev.user_chunk, ev.item_chunk, progress
     )
     return ids, scores, {"mode": "exact"}
+
+
+def recommend_among(
+    loaded: LoadedRun,
+    users: np.ndarray,
+    k: int,
+    items: np.ndarray,
+    include_train: bool = False,
+    progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Top-k of the listed ``items`` only (e.g. new items to promote), as :func:`recommend`
+    returns them: the list is scored as a catalogue of its own, every item with the full score,
+    so no retrieval is needed however large the full catalogue is."""
+    from magnet_dist.eval.ranking import csr_from_pairs, topk_items
+    from magnet_dist.eval.scoring import ranking_score_fn
+
+    ev = loaded.cfg.eval
+    rows = torch.from_numpy(items)
+    listed = {m: v[rows] for m, v in loaded.item_reps.items()}
+    score_fn = ranking_score_fn(loaded.model, loaded.user_reps, listed)
+    exclude = None
+    if not include_train:  # the users' training items among the listed, by list position
+        position = np.full(loaded.num_items, -1, dtype=np.int64)
+        position[items] = np.arange(len(items))
+        tu, ti = loaded.dataset.pairs(0)
+        keep = position[ti] >= 0
+        exclude = csr_from_pairs(tu[keep], position[ti[keep]], loaded.num_users)
+    pos, scores = topk_items(
+        score_fn, users, len(items), k, exclude, ev.user_chunk, ev.item_chunk, progress
+    )
+    ids = np.where(pos >= 0, items[np.maximum(pos, 0)], -1)
+    return ids, scores, {"mode": "exact", "items": len(items)}
 
 
 def recommendations_table(
@@ -278,8 +327,12 @@ def main(args: argparse.Namespace) -> int:
         users = np.arange(ds.num_users, dtype=np.int64)
     else:
         users = resolve_ids(read_id_tokens(args.users), ds.num_users, user_map)
+    items = None
+    if args.items is not None:
+        tokens = read_id_tokens(args.items, "--items", "item_id")
+        items = resolve_ids(tokens, ds.num_items, item_map, "--items", "item")
     ids, scores, info = recommend(
-        loaded, users, args.k, args.include_train, args.mode, args.candidates, progress
+        loaded, users, args.k, args.include_train, args.mode, args.candidates, progress, items
     )
     table = recommendations_table(users, ids, scores, user_map, item_map)
     out = Path(args.out)
@@ -289,6 +342,8 @@ def main(args: argparse.Namespace) -> int:
         how = info["mode"] + (
             f" ({info['candidates']} candidates/user)" if "candidates" in info else ""
         )
+        if "items" in info:
+            how += f" among the {info['items']} items of --items"
         print(
             f"[recommend] {table.num_rows} rows: top-{args.k} for {len(users)} users "
             f"({how}, training items {'included' if args.include_train else 'excluded'}"

@@ -430,33 +430,10 @@ def test_recommend_among_listed_items_is_the_brute_force_top_k(
             restricted[u, got].numpy(), best.values[u].numpy(), rtol=1e-5, atol=1e-5
         )
         np.testing.assert_allclose([s for *_, s in recs], best.values[u].numpy(), rtol=1e-5)
-    rc, _, err = cli(
-        capsys,
-        "recommend",
-        "--run",
-        run,
-        "--k",
-        K,
-        "--out",
-        tmp_path / "x.parquet",
-        "--items",
-        "3",
-        "--mode",
-        "two-stage",
-    )
+    base = ["recommend", "--run", run, "--k", K, "--out", tmp_path / "x.parquet", "--items"]
+    rc, _, err = cli(capsys, *base, "3", "--mode", "two-stage")
     assert rc == 2 and "--items scores every listed item" in err
-    rc, _, err = cli(
-        capsys,
-        "recommend",
-        "--run",
-        run,
-        "--k",
-        K,
-        "--out",
-        tmp_path / "y.parquet",
-        "--items",
-        "3,7000",
-    )
+    rc, _, err = cli(capsys, *base, "3,7000")
     assert rc == 2 and "1 unknown item(s) in --items: '7000'" in err
 
 
@@ -468,21 +445,8 @@ def test_recommend_among_listed_items_with_training_items(run, train_sets, tmp_p
     spec = ",".join(str(i) for i in seen)
     for flag, want in (([], set()), (["--include-train"], set(seen))):
         out = tmp_path / f"t{len(flag)}.parquet"
-        rc, _, _ = cli(
-            capsys,
-            "recommend",
-            "--run",
-            run,
-            "--k",
-            K,
-            "--out",
-            out,
-            "--users",
-            user,
-            "--items",
-            spec,
-            *flag,
-        )
+        argv = ["--run", run, "--k", K, "--out", out, "--users", user, "--items", spec, *flag]
+        rc, _, _ = cli(capsys, "recommend", *argv)
         assert rc == 0
         got = {i for _, i, _ in per_user(pq.read_table(out)).get(user, [])}
         assert got == want

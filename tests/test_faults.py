@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import time
 from contextlib import contextmanager
@@ -98,6 +99,18 @@ def stale_segments() -> set[str]:
     return {n for n in ours if int(n.rsplit("-", 1)[1]) not in listening}
 
 
+def stale_segments_of(run: Path, before: set[str]) -> set[str]:
+    """The stale segments that appeared since ``before`` on a port one of ``run``'s graph
+    servers listened on (every worker group's server log names it): another magnet_dist run on
+    this host, such as a second test session killing its own servers, is not this run's."""
+    ports = set()
+    for log in run.glob("logs/graph-server-*/server-*.log"):
+        text = log.read_text(errors="replace")
+        ports |= {int(p) for p in re.findall(r"waiting for connections on \[[^\]]*:(\d+)\]", text)}
+    assert ports, f"no graph server log under {run / 'logs'} names its port"
+    return {n for n in stale_segments() - before if int(n.rsplit("-", 1)[1]) in ports}
+
+
 def log_entries(run: Path, kind: str) -> list[dict]:
     """Entries of every rank's ``failures/rank<r>.log`` (all run attempts), oldest first."""
     lines = [
@@ -146,7 +159,7 @@ def killed_twice(tiny_dataset, tmp_path_factory):
         wall = time.monotonic() - t0
     fired = sorted(p.name for p in root.glob("marker.*"))
     leftover = wait_gone(graph_server_pids(tiny_dataset) - before)
-    return run, metrics, fired, leftover, stale_segments() - stale_before, wall
+    return run, metrics, fired, leftover, stale_segments_of(run, stale_before), wall
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +201,8 @@ def server_killed(tiny_dataset, tmp_path_factory):
     # seconds from the kill (the hook creates its marker just before) to the recorded cause
     killed_at = (root / "marker.kill_server_at_step").stat().st_mtime
     noted_at = min(e["time"] for e in log_entries(run, "fault"))
-    return run, info.value, noted_at - killed_at, pids, leftover, stale_segments() - stale_before
+    stale = stale_segments_of(run, stale_before)
+    return run, info.value, noted_at - killed_at, pids, leftover, stale
 
 
 def test_killed_workers_resume_exactly(uninterrupted, killed_twice):
@@ -220,6 +234,31 @@ def test_killed_workers_resume_exactly(uninterrupted, killed_twice):
     assert metrics["routing"] == plain["routing"] and metrics["routing"]["final"]["epoch"] == 1
     evals = (run / "evaluations.csv").read_text().splitlines()
     assert len(evals) == 1 + 2  # header + one evaluation per epoch, none repeated
+
+
+def test_stale_segments_of_a_run_are_its_own_servers_only(tmp_path):
+    """Another run's dead server's segment (a second test session on this host) is not this
+    run's: only ports this run's server logs name count."""
+    import socket
+
+    ports = []
+    for _ in range(2):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+    mine = ports[0]
+    log = tmp_path / "run" / "logs" / "graph-server-p0-abc" / "server-0.log"
+    log.parent.mkdir(parents=True)
+    log.write_text(f"Server is waiting for connections on [127.0.0.1:{mine}]...\n")
+    segments = [Path(f"/dev/shm/test-kvdata-magnet-p{i}-{port}") for i, port in enumerate(ports)]
+    try:
+        for seg in segments:
+            seg.write_bytes(b"")
+        assert stale_segments() >= {seg.name for seg in segments}
+        assert stale_segments_of(tmp_path / "run", set()) == {segments[0].name}
+    finally:
+        for seg in segments:
+            seg.unlink(missing_ok=True)
 
 
 def test_killed_workers_leave_nothing_behind(killed_twice):

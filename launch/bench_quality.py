@@ -378,15 +378,9 @@ def listed_items(args, data_path) -> Any:
     if args.items is None:
         return None
     from magnet_dist.data.dataset import load_dataset
-    from magnet_dist.errors import MagnetError
-    from magnet_dist.eval.recommend import read_id_tokens, resolve_ids
+    from magnet_dist.eval.recommend import read_item_list
 
-    ds = load_dataset(data_path)
-    id_map = ds.id_map("items") if args.original_ids else None
-    if args.original_ids and id_map is None:
-        raise MagnetError(f"--original-ids: dataset {ds.path} has no item id map")
-    tokens = read_id_tokens(args.items, "--items", "item_id")
-    return resolve_ids(tokens, ds.num_items, id_map, "--items", "item")
+    return read_item_list(args.items, load_dataset(data_path), args.original_ids)
 
 
 def on_items_metrics(run_dir: Path, items) -> dict[str, float]:

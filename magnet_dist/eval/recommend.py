@@ -157,6 +157,19 @@ def resolve_ids(
     return np.fromiter(dict.fromkeys(ids), dtype=np.int64)
 
 
+def read_item_list(spec: str, dataset, original_ids: bool) -> np.ndarray:
+    """Internal ids of an ``--items`` list (evaluate, bench_quality); with ``original_ids`` read
+    through the dataset's item id map, refused where the dataset has none."""
+    id_map = dataset.id_map("items") if original_ids else None
+    if original_ids and id_map is None:
+        raise MagnetError(
+            f"--original-ids: dataset {dataset.path} has no item id map (the source had no ids "
+            "of its own); give internal ids"
+        )
+    tokens = read_id_tokens(spec, "--items", "item_id")
+    return resolve_ids(tokens, dataset.num_items, id_map, "--items", "item")
+
+
 # ----------------------------------------------------------------------------------------------
 # top-K
 
@@ -234,19 +247,15 @@ def recommend_among(
     returns them: the list is scored as a catalogue of its own, every item with the full score,
     so no retrieval is needed however large the full catalogue is."""
     from magnet_dist.eval.ranking import csr_from_pairs, topk_items
-    from magnet_dist.eval.scoring import ranking_score_fn
+    from magnet_dist.eval.scoring import listed_reps, pairs_among, ranking_score_fn
 
     ev = loaded.cfg.eval
-    rows = torch.from_numpy(items)
-    listed = {m: v[rows] for m, v in loaded.item_reps.items()}
+    listed = listed_reps(loaded.item_reps, items)
     score_fn = ranking_score_fn(loaded.model, loaded.user_reps, listed)
     exclude = None
     if not include_train:  # the users' training items among the listed, by list position
-        position = np.full(loaded.num_items, -1, dtype=np.int64)
-        position[items] = np.arange(len(items))
-        tu, ti = loaded.dataset.pairs(0)
-        keep = position[ti] >= 0
-        exclude = csr_from_pairs(tu[keep], position[ti[keep]], loaded.num_users)
+        tu, ti = pairs_among(*loaded.dataset.pairs(0), items, loaded.num_items)
+        exclude = csr_from_pairs(tu, ti, loaded.num_users)
     pos, scores = topk_items(
         score_fn, users, len(items), k, exclude, ev.user_chunk, ev.item_chunk, progress
     )

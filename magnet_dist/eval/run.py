@@ -33,7 +33,7 @@ from magnet_dist.eval.model_io import (
     load_run,
     retrieve_for,
 )
-from magnet_dist.eval.recommend import read_id_tokens, resolve_ids
+from magnet_dist.eval.recommend import read_item_list
 
 SPLITS = {"valid": 1, "test": 2}
 RETRIEVAL_RECALL_USERS = 1000  # users checked against exact retrieval when --sample-users unset
@@ -92,7 +92,7 @@ def evaluate_run(
     """Metrics of ``loaded`` on ``splits`` (see the module docstring for the keys); with
     ``items`` (internal ids), among those items only."""
     from magnet_dist.eval.ranking import rank_candidates, retrieval_recall
-    from magnet_dist.eval.scoring import SplitEvaluator, ranking_score_fn
+    from magnet_dist.eval.scoring import SplitEvaluator, listed_reps, ranking_score_fn
 
     if sample is not None and sample < 1:
         raise MagnetError(f"--sample-users must be >= 1, got {sample}")
@@ -106,7 +106,8 @@ def evaluate_run(
         for s in splits
     }
     tag = ".on_items" if items is not None else ""
-    exact_fn = ranking_score_fn(loaded.model, loaded.user_reps, loaded.item_reps)
+    item_reps = loaded.item_reps if items is None else listed_reps(loaded.item_reps, items)
+    exact_fn = ranking_score_fn(loaded.model, loaded.user_reps, item_reps)
     out: dict[str, Any] = {
         "run": str(loaded.run_dir),
         "checkpoint_epoch": loaded.epoch,
@@ -184,16 +185,7 @@ def main(args: argparse.Namespace) -> int:
     splits = ["valid", "test"] if args.split == "both" else [args.split]
     loaded = load_run(args.run, args.data, quiet=args.quiet, any_dataset=args.any_dataset)
     ds = loaded.dataset
-    items = None
-    if args.items is not None:
-        id_map = ds.id_map("items") if args.original_ids else None
-        if args.original_ids and id_map is None:
-            raise MagnetError(
-                f"--original-ids: dataset {ds.path} has no item id map (the source had no ids "
-                "of its own); give internal ids"
-            )
-        tokens = read_id_tokens(args.items, "--items", "item_id")
-        items = resolve_ids(tokens, ds.num_items, id_map, "--items", "item")
+    items = None if args.items is None else read_item_list(args.items, ds, args.original_ids)
     metrics = evaluate_run(
         loaded, splits, args.mode, args.candidates, args.sample_users, args.seed, progress, items
     )

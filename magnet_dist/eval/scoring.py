@@ -87,17 +87,19 @@ def popularity_score_fn(dataset) -> Callable:
     return fn
 
 
-def restricted_to(score_fn: Callable, allowed: np.ndarray) -> Callable:
-    """``score_fn`` with every item outside ``allowed`` (a bool mask over all items) scored -inf,
-    so the ranking is among those items only."""
-    outside = torch.from_numpy(~np.asarray(allowed, dtype=bool))
+def pairs_among(users: np.ndarray, items: np.ndarray, listed: np.ndarray, num_items: int):
+    """The (user, item) pairs whose item is in ``listed``, the item given as its position in the
+    list: the pairs of the list seen as a catalogue of its own (``--items``)."""
+    position = np.full(num_items, -1, dtype=np.int64)
+    position[listed] = np.arange(len(listed))
+    keep = position[items] >= 0
+    return users[keep], position[items[keep]]
 
-    def fn(user_ids: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        scores = score_fn(user_ids, start, end)
-        scores[:, outside[start:end].to(scores.device)] = float("-inf")
-        return scores
 
-    return fn
+def listed_reps(reps: Reps, listed: np.ndarray) -> Reps:
+    """Item representations of ``listed`` only, in list order (its own catalogue)."""
+    rows = torch.from_numpy(np.asarray(listed, dtype=np.int64))
+    return {m: v[rows] for m, v in reps.items()}
 
 
 class SplitEvaluator:
@@ -105,7 +107,8 @@ class SplitEvaluator:
 
     With ``items`` (internal ids), the ranking is among those items only and the ground truth
     keeps only their pairs, so users with none of them in the split are left out: the cold-item
-    protocol (rank the new items for the users who interacted with them)."""
+    protocol (rank the new items for the users who interacted with them). The list is then a
+    catalogue of its own: ``score_fn`` scores list positions (``listed_reps``)."""
 
     def __init__(
         self,
@@ -118,12 +121,11 @@ class SplitEvaluator:
     ):
         tu, ti = dataset.pairs(0)
         su, si = dataset.pairs(split)
-        self.allowed = None
-        if items is not None:
-            self.allowed = np.zeros(dataset.num_items, dtype=bool)
-            self.allowed[items] = True
-            su, si = su[self.allowed[si]], si[self.allowed[si]]
         self.num_items = dataset.num_items
+        if items is not None:  # item ids become list positions; score_fn scores the list
+            tu, ti = pairs_among(tu, ti, items, dataset.num_items)
+            su, si = pairs_among(su, si, items, dataset.num_items)
+            self.num_items = len(items)
         self.train_mask = csr_from_pairs(tu, ti, dataset.num_users)
         self.ground_truth = csr_from_pairs(su, si, dataset.num_users)
         self.users = np.unique(su)
@@ -135,8 +137,6 @@ class SplitEvaluator:
         self, score_fn: Callable, users: np.ndarray | None = None, progress: bool = False
     ) -> RankingSums:
         users = self.users if users is None else users
-        if self.allowed is not None:
-            score_fn = restricted_to(score_fn, self.allowed)
         return rank_users(
             score_fn,
             users,
